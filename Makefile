@@ -1,0 +1,30 @@
+# All targets use the project's own virtual environment in .venv/.
+PY ?= .venv/bin/python
+CONFIG ?= experiments/blackjack.yaml
+
+.PHONY: install test lint fit resume tensorboard bench plot clean
+
+install:  ## create .venv, install the CPU torch wheel first, then the project with dev extras
+	python3 -m venv .venv
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+
+test:  ## the CPU test suite (offline)
+	$(PY) -m pytest -q tests
+
+lint:
+	$(PY) -m ruff check llamagym_pl tests
+	$(PY) -m ruff format --check llamagym_pl tests
+
+fit:  ## train the default experiment
+	$(PY) -m llamagym_pl.fit --config $(CONFIG)
+
+resume:  ## continue the default experiment from its last checkpoint
+	$(PY) -m llamagym_pl.fit --config $(CONFIG) --ckpt_path last
+
+tensorboard:
+	.venv/bin/tensorboard --logdir runs
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache
