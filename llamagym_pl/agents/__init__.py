@@ -1,0 +1,5 @@
+"""Example agents, selectable in YAML by class path (e.g. ``llamagym_pl.agents.BlackjackAgent``)."""
+
+from llamagym_pl.agents.blackjack import BlackjackAgent
+
+__all__ = ["BlackjackAgent"]

@@ -1,0 +1,35 @@
+"""An agent for Gymnasium's ``Blackjack-v1``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llamagym_pl.agent import Agent
+
+STICK, HIT = 0, 1
+_WORDS = {"stick": STICK, "stand": STICK, "hit": HIT}
+
+
+class BlackjackAgent(Agent):
+    """Plays Blackjack by answering ``hit`` or ``stick``.
+
+    Observations are ``(player_sum, dealer_card, usable_ace)``. The text is kept short and
+    regular so that the tiny offline model, trained from scratch, can learn it quickly; a
+    pretrained chat model reads it just as well.
+    """
+
+    def get_system_prompt(self) -> str:
+        return "You are an expert blackjack player. Answer with one word: hit or stick."
+
+    def format_observation(self, observation: Any) -> str:
+        player, dealer, usable_ace = observation
+        ace = "yes" if usable_ace else "no"
+        return f"Your sum is {int(player)}. The dealer shows {int(dealer)}. Usable ace: {ace}."
+
+    def extract_action(self, response: str) -> int:
+        # The first action word wins: "hit, then stick" means hit now.
+        for word in re.findall(r"[a-z]+", response.lower()):
+            if word in _WORDS:
+                return _WORDS[word]
+        raise ValueError(f"no action word (hit/stick) in reply {response!r}")

@@ -1,0 +1,140 @@
+"""`RolloutDataModule`: fresh episodes from Gymnasium envs every epoch."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from llamagym_pl.agent import Agent
+from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, RolloutDataset, build_buffer
+from llamagym_pl.rollout import InvalidActionPolicy, RolloutCollector, RolloutStats, derive_seed
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Plays ``num_envs`` envs with the current policy and serves the rollout as minibatches.
+
+    ``train_dataloader`` is called again every epoch (the Trainer runs with
+    ``reload_dataloaders_every_n_epochs=1``), so each epoch trains on episodes played by the
+    policy as it is at that epoch's start.
+
+    Args:
+        agent: the :class:`~llamagym_pl.agent.Agent` (``class_path`` in YAML).
+        env_id: Gymnasium env id.
+        env_kwargs: keyword arguments for ``gym.make``.
+        num_envs: envs played side by side; their replies are generated in one batch.
+        steps_per_env: turns each env plays per epoch (episodes running at the end are cut and
+            bootstrapped from the value of their next state).
+        max_new_tokens: reply length limit in tokens.
+        temperature: sampling temperature.
+        top_k: top-k sampling (0: off; keep it off for on-policy PPO).
+        top_p: nucleus sampling (1.0: off).
+        invalid_action: ``random`` or ``fixed``: the action played when a reply is invalid.
+        fallback_action: the action for ``invalid_action: fixed``.
+        invalid_penalty: reward added on an invalid reply (e.g. -0.1; the logged env return
+            excludes it).
+        max_episode_steps: optional Gymnasium time limit (truncation, bootstrapped).
+        seed: run seed; env and sampling seeds derive from (seed, epoch, rank, env, episode).
+        num_transcripts: sample conversations logged as text every ``transcript_every`` epochs.
+        transcript_every: epochs between transcript logs.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        env_id: str = "Blackjack-v1",
+        env_kwargs: dict[str, Any] | None = None,
+        num_envs: int = 16,
+        steps_per_env: int = 8,
+        max_new_tokens: int = 8,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        invalid_action: InvalidActionPolicy = "random",
+        fallback_action: Any = None,
+        invalid_penalty: float = 0.0,
+        max_episode_steps: int | None = None,
+        seed: int = 0,
+        num_transcripts: int = 2,
+        transcript_every: int = 10,
+    ) -> None:
+        super().__init__()
+        if not isinstance(agent, Agent):
+            raise TypeError(
+                f"data.agent must be an llamagym_pl.Agent subclass instance, got {type(agent).__name__}"
+            )
+        for name, value in {"num_envs": num_envs, "steps_per_env": steps_per_env, "max_new_tokens": max_new_tokens}.items():
+            if value < 1:
+                raise ValueError(f"data.{name}={value} must be >= 1")
+        if temperature <= 0:
+            raise ValueError(f"data.temperature={temperature} must be > 0 (use greedy evaluation instead)")
+        self.save_hyperparameters(ignore=["agent"])
+        self.agent = agent
+        self.collector: RolloutCollector | None = None
+        self.buffer: RolloutBuffer | None = None
+        self.last_stats: RolloutStats | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.collector is None:
+            hp = self.hparams
+            self.collector = RolloutCollector(
+                env_id=hp.env_id,
+                env_kwargs=hp.env_kwargs,
+                agent=self.agent,
+                num_envs=hp.num_envs,
+                max_new_tokens=hp.max_new_tokens,
+                temperature=hp.temperature,
+                top_k=hp.top_k,
+                top_p=hp.top_p,
+                invalid_action=hp.invalid_action,
+                fallback_action=hp.fallback_action,
+                invalid_penalty=hp.invalid_penalty,
+                max_episode_steps=hp.max_episode_steps,
+            )
+
+    def teardown(self, stage: str) -> None:
+        if self.collector is not None:
+            self.collector.close()
+            self.collector = None
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
+        epoch = self.trainer.current_epoch
+        rank = self.trainer.global_rank
+        stats = self.collector.collect(
+            module.policy,
+            module.tokenizer,
+            seed=self.hparams.seed,
+            epoch=epoch,
+            rank=rank,
+            steps_per_env=self.hparams.steps_per_env,
+        )
+        self.last_stats = stats
+        self.buffer = build_buffer(module.tokenizer, stats.episodes)
+        sampler = MinibatchSampler(
+            self.buffer.lengths,
+            module.hparams.num_minibatches,
+            module.hparams.update_epochs,
+            seed=derive_seed(self.hparams.seed, epoch, rank, 4),
+        )
+        # batch_size=None: the sampler yields whole minibatches of episode indices.
+        return DataLoader(RolloutDataset(self.buffer), sampler=sampler, batch_size=None)
+
+    def sample_transcripts(self, k: int) -> list[str]:
+        """A few conversations of the last rollout, rendered for TensorBoard's text tab."""
+        if self.last_stats is None:
+            return []
+        episodes = self.last_stats.episodes
+        picks = random.Random(len(episodes)).sample(episodes, min(k, len(episodes)))
+        out = []
+        for ep in picks:
+            lines = [f"**system**: {ep.system_prompt}"]
+            for t, response in enumerate(ep.responses):
+                lines.append(f"**user**: {ep.observations[t]}")
+                flag = " *(invalid)*" if ep.invalid[t] else ""
+                lines.append(f"**assistant**: {response}{flag}  (reward {ep.rewards[t]:+.2f})")
+            lines.append(f"return {ep.env_return:+.2f}, {'done' if ep.done else 'cut by rollout'}")
+            out.append("  \n".join(lines))
+        return out

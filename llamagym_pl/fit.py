@@ -1,0 +1,71 @@
+"""``python -m llamagym_pl.fit --config experiments/blackjack.yaml [--ckpt_path last]``.
+
+A LightningCLI over :class:`PPOModule` and :class:`RolloutDataModule`: every constructor
+argument is a YAML key / command-line flag (``--model.learning_rate 1e-4``), ``--print_config``
+prints the full resolved config, and ``--ckpt_path last`` resumes from the newest
+``last.ckpt`` in ``checkpoint.dirpath``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from llamagym_pl.datamodule import RolloutDataModule
+from llamagym_pl.module import PPOModule
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 100,
+    # One epoch = one PPO iteration: the rollout must be played afresh every epoch.
+    "reload_dataloaders_every_n_epochs": 1,
+    "num_sanity_val_steps": 0,
+    # Each rank plays its own envs; Lightning must not split a rank's rollout again.
+    "use_distributed_sampler": False,
+    "log_every_n_steps": 1,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default"},
+    },
+}
+
+
+class LlamaGymCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Checkpoint to resume from: a path, or 'last' for the newest last.ckpt in checkpoint.dirpath.",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": "runs/default/checkpoints",
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_epochs": 1,
+            }
+        )
+
+
+def build_cli(args=None, run_fit: bool = True) -> LlamaGymCLI:
+    """Parse the config (``args`` as a list or dict for tests) and optionally run ``fit``."""
+    cli = LlamaGymCLI(
+        PPOModule,
+        RolloutDataModule,
+        run=False,
+        args=args,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+    )
+    if run_fit:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    return cli
+
+
+def main() -> None:
+    build_cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""`PPOModule`: the policy LM with its value head, trained with our clipped PPO loss.
+
+One Lightning epoch is one PPO iteration: :class:`~llamagym_pl.datamodule.RolloutDataModule`
+plays a fresh rollout with the current policy, :meth:`PPOModule.on_train_epoch_start` scores it
+(old log-probs, values) and computes advantages with GAE, then every training batch is one
+minibatch step of the clipped surrogate + value + entropy loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from llamagym_pl import ppo
+from llamagym_pl.buffer import RolloutBuffer
+from llamagym_pl.loading import load_causal_lm, load_tokenizer
+from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.rollout import rollout_metrics
+
+
+class PPOModule(L.LightningModule):
+    """PPO over multi-turn LLM conversations.
+
+    Args:
+        name_or_path: Hugging Face model id, local directory, or ``tiny`` (offline default:
+            a small Llama built locally and trained from scratch).
+        dtype: weights dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+        trust_remote_code: allow model code from the hub (off: it runs arbitrary code).
+        learning_rate: AdamW learning rate.
+        lr_schedule: ``constant``, or ``linear`` decay to 0 over ``trainer.max_epochs``.
+        weight_decay: AdamW weight decay.
+        adam_eps: AdamW epsilon (1e-5 as in CleanRL).
+        gamma: discount per turn.
+        gae_lambda: GAE lambda.
+        update_epochs: passes over each rollout.
+        num_minibatches: minibatches per pass (a fixed count: the same number of optimizer steps
+            on every DDP rank).
+        clip_coef: PPO ratio clip.
+        clip_vloss: clip the value update around the old values.
+        vf_coef: value loss weight.
+        ent_coef: entropy bonus weight (over response tokens).
+        max_grad_norm: gradient norm clip.
+        target_kl: stop this epoch's remaining updates once approx-KL exceeds it (None: never).
+        norm_adv: normalize advantages per minibatch over response tokens.
+        score_batch_size: episodes per forward pass when scoring a rollout.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "tiny",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        learning_rate: float = 3e-4,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-5,
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        update_epochs: int = 4,
+        num_minibatches: int = 4,
+        clip_coef: float = 0.2,
+        clip_vloss: bool = True,
+        vf_coef: float = 0.5,
+        ent_coef: float = 0.0,
+        max_grad_norm: float = 1.0,
+        target_kl: float | None = None,
+        norm_adv: bool = True,
+        score_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        _check_range("gamma", gamma, 0.0, 1.0)
+        _check_range("gae_lambda", gae_lambda, 0.0, 1.0)
+        _check_positive(clip_coef=clip_coef, learning_rate=learning_rate, max_grad_norm=max_grad_norm)
+        _check_positive(update_epochs=update_epochs, num_minibatches=num_minibatches)
+        _check_positive(score_batch_size=score_batch_size)
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+        lm = load_causal_lm(name_or_path, dtype, trust_remote_code)
+        self.policy = PolicyWithValueHead(lm)
+        self._stop_epoch = False
+
+    # ----------------------------------------------------------------- rollout scoring
+    @torch.no_grad()
+    def score_rollout(self, buf: RolloutBuffer) -> dict[str, float]:
+        """Fill ``buf`` with old log-probs and values (one forward per episode) and GAE."""
+        hp = self.hparams
+        was_training = self.policy.training
+        self.policy.eval()
+        logprobs = torch.zeros(buf.input_ids.shape)
+        values = torch.zeros(buf.input_ids.shape)
+        try:
+            for start in range(0, len(buf), hp.score_batch_size):
+                rows = slice(start, start + hp.score_batch_size)
+                length = int(buf.lengths[rows].max())
+                ids = buf.input_ids[rows, :length].to(self.device)
+                logits, v = self.policy(ids, buf.attention_mask[rows, :length].to(self.device))
+                # logprobs[:, i] = log p(token i | < i); position 0 has no prediction.
+                logprobs[rows, 1:length] = ppo.token_logprobs(logits[:, :-1], ids[:, 1:]).float().cpu()
+                values[rows, :length] = v.float().cpu()
+        finally:
+            self.policy.train(was_training)
+        buf.old_logprobs = logprobs
+        buf.old_values = values.gather(1, buf.value_positions) * buf.turn_mask  # (E, T)
+        next_value = values.gather(1, buf.bootstrap_position[:, None]).squeeze(1)  # (E,)
+        buf.advantages, buf.returns = ppo.compute_gae(
+            buf.rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, hp.gamma, hp.gae_lambda
+        )
+        return {
+            "rollout/value_mean": float(ppo.masked_mean(buf.old_values, buf.turn_mask)),
+            "rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)),
+        }
+
+    def on_train_epoch_start(self) -> None:
+        self._stop_epoch = False
+        datamodule = self.trainer.datamodule
+        metrics = rollout_metrics(datamodule.last_stats)
+        metrics.update(self.score_rollout(datamodule.buffer))
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        if "rollout/return_mean" in metrics:
+            # Shown live in the progress bar; the full name is in TensorBoard.
+            self.log("return", metrics["rollout/return_mean"], prog_bar=True, logger=False, on_epoch=True)
+
+    # ----------------------------------------------------------------- PPO update
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if self._stop_epoch:
+            return None  # target_kl reached: Lightning skips backward and the optimizer step
+        hp = self.hparams
+        logits, values = self.policy(batch["input_ids"], batch["attention_mask"])  # (B, L, V), (B, L)
+        act = batch["action_mask"]  # (B, L)
+        rows, cols = act.nonzero(as_tuple=True)  # response tokens; never position 0
+        step_logits = logits[rows, cols - 1]  # (N, V): logits that predicted each response token
+        new_logprobs = ppo.token_logprobs(step_logits, batch["input_ids"][rows, cols])  # (N,)
+        old_logprobs = batch["old_logprobs"][rows, cols]
+        advantages = batch["token_advantages"][rows, cols]
+        ones = torch.ones_like(new_logprobs, dtype=torch.bool)
+        if hp.norm_adv:
+            advantages = ppo.masked_whiten(advantages, ones)
+        pg_loss, clipfrac, approx_kl = ppo.policy_loss(new_logprobs, old_logprobs, advantages, ones, hp.clip_coef)
+        entropy = ppo.entropy_from_logits(step_logits).mean()
+        turn_values = values.gather(1, batch["value_positions"])  # (B, T)
+        v_loss = ppo.value_loss(
+            turn_values,
+            batch["old_values"],
+            batch["returns"],
+            batch["turn_mask"],
+            hp.clip_coef if hp.clip_vloss else None,
+        )
+        loss = pg_loss - hp.ent_coef * entropy + hp.vf_coef * v_loss
+        if hp.target_kl is not None and approx_kl > hp.target_kl:
+            self._stop_epoch = True
+        self.log_dict(
+            {
+                "train/policy_loss": pg_loss.detach(),
+                "train/value_loss": v_loss.detach(),
+                "train/entropy": entropy.detach(),
+                "train/approx_kl": approx_kl,
+                "train/clipfrac": clipfrac,
+                "train/loss": loss.detach(),
+            },
+            on_step=False,
+            on_epoch=True,
+            batch_size=int(act.shape[0]),
+        )
+        self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        buf: RolloutBuffer = self.trainer.datamodule.buffer
+        ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
+        self.log("train/explained_variance", ev, on_step=False, on_epoch=True)
+        self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+
+    # ----------------------------------------------------------------- optimization
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=hp.learning_rate, eps=hp.adam_eps, weight_decay=hp.weight_decay
+        )
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 0
+        if hp.lr_schedule == "linear" and max_epochs:
+            lr_lambda = lambda epoch: max(0.0, 1.0 - epoch / max_epochs)  # noqa: E731
+        else:
+            lr_lambda = lambda epoch: 1.0  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # max_grad_norm is a PPO hyperparameter, so it lives here rather than on the Trainer.
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not (low <= value <= high) or math.isnan(value):
+        raise ValueError(f"model.{name}={value} is outside [{low}, {high}]; pick a value in that range")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"model.{name}={value} must be > 0")

@@ -1,0 +1,69 @@
+"""Policy = a Hugging Face causal LM plus our own value head, evaluated in one forward pass."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class ValueHead(nn.Module):
+    """A linear critic on the LM's last hidden state: ``(B, L, H) -> (B, L)``.
+
+    Kept in float32 whatever the LM's dtype, because value targets are small returns whose
+    regression suffers from bf16 rounding.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Start near V=0 so the first advantages are close to the raw returns.
+        nn.init.normal_(self.summary.weight, std=0.01)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.summary(hidden.float()).squeeze(-1)  # (B, L)
+
+
+class PolicyWithValueHead(nn.Module):
+    """Wraps a causal LM (plain, peft or quantized) and a :class:`ValueHead`.
+
+    ``forward`` returns next-token logits and per-position values from the same pass; the value
+    at position ``i`` estimates the return of the state whose prompt ends at token ``i``.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: ValueHead | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        hidden = _hidden_size(lm)
+        self.value_head = value_head if value_head is not None else ValueHead(hidden)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        values = self.value_head(out.hidden_states[-1])  # (B, L)
+        return out.logits, values  # (B, L, V), (B, L)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+        """Sample continuations with the LM's own ``generate`` (KV cache on)."""
+        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _hidden_size(lm: nn.Module) -> int:
+    config = getattr(lm, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        size = getattr(config, name, None)
+        if isinstance(size, int):
+            return size
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and isinstance(getattr(text_config, "hidden_size", None), int):
+        return text_config.hidden_size
+    raise ValueError(f"cannot find the hidden size in the config of {type(lm).__name__}")

@@ -1,0 +1,306 @@
+"""Play text episodes in N Gymnasium envs at once with batched generation.
+
+One call of :meth:`RolloutCollector.collect` is a pure function of (policy weights, seed,
+epoch, rank): env seeds and sampling seeds are derived from those numbers rather than
+carried in env state, so a resumed run replays exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from llamagym_pl.agent import Agent
+from llamagym_pl.chat import build_messages, encode_prompts
+
+InvalidActionPolicy = Literal["random", "fixed"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 31-bit seed from integers (run seed, epoch, rank, env, episode ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@dataclass
+class Episode:
+    """One episode (or the part of it a rollout saw) as text, with its per-turn rewards.
+
+    ``observations`` has one more entry than ``responses`` when the episode did not terminate:
+    that last observation is the state to bootstrap the value from.
+    """
+
+    system_prompt: str
+    observations: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    invalid: list[bool] = field(default_factory=list)
+    env_return: float = 0.0  # sum of raw env rewards (penalties excluded)
+    terminated: bool = False
+    truncated: bool = False
+
+    @property
+    def done(self) -> bool:
+        """Whether the env ended the episode (else the rollout cut it)."""
+        return self.terminated or self.truncated
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.responses)
+
+
+@dataclass
+class RolloutStats:
+    episodes: list[Episode]
+    env_steps: int
+    generated_tokens: int
+    prompt_tokens: int
+    generation_seconds: float
+    env_seconds: float
+    seconds: float
+
+
+class RolloutCollector:
+    """Steps ``num_envs`` copies of an env, generating every active env's reply in one batch.
+
+    Args:
+        env_id: Gymnasium id, e.g. ``Blackjack-v1``.
+        env_kwargs: keyword arguments for ``gym.make``.
+        agent: the user's :class:`Agent` (formats observations, parses replies).
+        num_envs: envs played side by side (the generation batch size).
+        max_new_tokens: reply length limit.
+        temperature, top_k, top_p: sampling settings when not greedy (``top_k=0`` is off).
+        invalid_action: what an unparsable or out-of-space reply does: ``random`` samples a
+            seeded random action, ``fixed`` plays ``fallback_action``.
+        fallback_action: the action for ``invalid_action="fixed"``.
+        invalid_penalty: added to the turn's reward when the reply was invalid (the logged
+            env return excludes it).
+        max_episode_steps: optional time limit (Gymnasium ``TimeLimit`` truncation).
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        env_kwargs: dict[str, Any] | None,
+        agent: Agent,
+        num_envs: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        invalid_action: InvalidActionPolicy = "random",
+        fallback_action: Any = None,
+        invalid_penalty: float = 0.0,
+        max_episode_steps: int | None = None,
+    ) -> None:
+        self.agent = agent
+        self.num_envs = num_envs
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.invalid_action = invalid_action
+        self.invalid_penalty = invalid_penalty
+        self.envs = [make_env(env_id, env_kwargs, max_episode_steps) for _ in range(num_envs)]
+        self.action_space = self.envs[0].action_space
+        if invalid_action == "fixed" and not self.action_space.contains(fallback_action):
+            raise ValueError(
+                f"fallback_action={fallback_action!r} is not in the action space {self.action_space} "
+                "of the env; set a valid fallback_action or use invalid_action: random"
+            )
+        self.fallback_action = fallback_action
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+    @torch.no_grad()
+    def collect(
+        self,
+        policy,
+        tokenizer,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        steps_per_env: int | None = None,
+        episodes_per_env: int | None = None,
+        greedy: bool = False,
+    ) -> RolloutStats:
+        """Play until each env has taken ``steps_per_env`` turns or finished ``episodes_per_env``.
+
+        With a step budget, an episode still running when its env's budget ends is cut: it is
+        returned with its next observation so its value can be bootstrapped.
+        """
+        if (steps_per_env is None) == (episodes_per_env is None):
+            raise ValueError("give exactly one of steps_per_env and episodes_per_env")
+        start = time.perf_counter()
+        torch.manual_seed(derive_seed(seed, epoch, rank, 1))
+        rngs = [np.random.default_rng(derive_seed(seed, epoch, rank, i, 2)) for i in range(self.num_envs)]
+        system = self.agent.get_system_prompt()
+        steps_left = [steps_per_env or 0] * self.num_envs
+        episodes_left = [episodes_per_env or 0] * self.num_envs
+        episode_count = [0] * self.num_envs
+        current: list[Episode | None] = [None] * self.num_envs
+        finished: list[Episode] = []
+        gen_s = env_s = 0.0
+        env_steps = gen_tokens = prompt_tokens = 0
+
+        def start_episode(i: int) -> None:
+            obs, _ = self.envs[i].reset(seed=derive_seed(seed, epoch, rank, i, 3, episode_count[i]))
+            episode_count[i] += 1
+            current[i] = Episode(system_prompt=system, observations=[self._format(obs)])
+
+        def has_budget(i: int) -> bool:
+            return steps_left[i] > 0 if steps_per_env is not None else episodes_left[i] > 0
+
+        for i in range(self.num_envs):
+            if has_budget(i):
+                start_episode(i)
+
+        was_training = policy.training
+        policy.eval()
+        try:
+            while True:
+                active = [i for i in range(self.num_envs) if current[i] is not None and has_budget(i)]
+                if not active:
+                    break
+                conversations = [
+                    build_messages(tokenizer, system, current[i].observations, current[i].responses)
+                    for i in active
+                ]
+                t0 = time.perf_counter()
+                replies, n_prompt, n_gen = self._generate(policy, tokenizer, conversations, greedy)
+                gen_s += time.perf_counter() - t0
+                prompt_tokens += n_prompt
+                gen_tokens += n_gen
+                t0 = time.perf_counter()
+                for i, reply in zip(active, replies):
+                    ep = current[i]
+                    action, invalid = self._parse(reply, rngs[i])
+                    obs, reward, terminated, truncated, _ = self.envs[i].step(action)
+                    env_steps += 1
+                    steps_left[i] -= 1
+                    ep.responses.append(reply)
+                    ep.invalid.append(invalid)
+                    ep.env_return += float(reward)
+                    ep.rewards.append(float(reward) + (self.invalid_penalty if invalid else 0.0))
+                    if terminated or truncated:
+                        ep.terminated, ep.truncated = bool(terminated), bool(truncated) and not terminated
+                        if truncated and not terminated:
+                            ep.observations.append(self._format(obs))
+                        finished.append(ep)
+                        current[i] = None
+                        episodes_left[i] -= 1
+                        if has_budget(i):
+                            start_episode(i)
+                    else:
+                        ep.observations.append(self._format(obs))
+                        if not has_budget(i):
+                            finished.append(ep)  # cut by the step budget: bootstrap later
+                            current[i] = None
+                env_s += time.perf_counter() - t0
+        finally:
+            policy.train(was_training)
+        return RolloutStats(
+            episodes=finished,
+            env_steps=env_steps,
+            generated_tokens=gen_tokens,
+            prompt_tokens=prompt_tokens,
+            generation_seconds=gen_s,
+            env_seconds=env_s,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _format(self, observation: Any) -> str:
+        text = self.agent.format_observation(observation)
+        if not isinstance(text, str):
+            raise TypeError(
+                f"{type(self.agent).__name__}.format_observation returned {type(text).__name__} "
+                f"({text!r}); it must return the observation as a str"
+            )
+        return text
+
+    def _parse(self, reply: str, rng: np.random.Generator) -> tuple[Any, bool]:
+        """Map a reply to an action; invalid replies get the fallback (counted, never dropped)."""
+        try:
+            action = self.agent.extract_action(reply)
+            if self.action_space.contains(action):
+                return action, False
+        except Exception:  # noqa: BLE001 - any parse failure is an invalid action by contract
+            pass
+        if self.invalid_action == "fixed":
+            return self.fallback_action, True
+        return _sample_space(self.action_space, rng), True
+
+    def _generate(self, policy, tokenizer, conversations, greedy: bool) -> tuple[list[str], int, int]:
+        input_ids, attention_mask = encode_prompts(tokenizer, conversations)
+        device = next(policy.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        sampling = (
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        )
+        out = policy.generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        new = out[:, input_ids.shape[1] :].cpu()  # (B, new)
+        replies, n_gen = [], 0
+        for row in new.tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            n_gen += len(row)
+            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        return replies, int(attention_mask.sum()), n_gen
+
+
+def make_env(env_id: str, env_kwargs: dict[str, Any] | None, max_episode_steps: int | None) -> gym.Env:
+    """``gym.make`` with errors that name the bad id or keyword argument."""
+    kwargs = dict(env_kwargs or {})
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = max_episode_steps
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.Error as err:
+        raise ValueError(
+            f"cannot make env {env_id!r}: {err}. Check data.env_id against gymnasium.registry "
+            "(and that the package registering it is imported)"
+        ) from err
+    except TypeError as err:
+        raise ValueError(f"env {env_id!r} rejected env_kwargs={kwargs}: {err}") from err
+
+
+def _sample_space(space: gym.Space, rng: np.random.Generator) -> Any:
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.start + rng.integers(space.n))
+    space.seed(int(rng.integers(2**31)))
+    return space.sample()
+
+
+def rollout_metrics(stats: RolloutStats) -> dict[str, float]:
+    """Per-epoch numbers for the logger; returns are over episodes the env ended."""
+    done = [ep for ep in stats.episodes if ep.done]
+    turns = sum(ep.num_turns for ep in stats.episodes)
+    invalid = sum(sum(ep.invalid) for ep in stats.episodes)
+    metrics = {
+        "rollout/episodes": float(len(done)),
+        "rollout/env_steps": float(stats.env_steps),
+        "rollout/invalid_action_rate": invalid / max(turns, 1),
+        "rollout/env_steps_per_s": stats.env_steps / max(stats.seconds, 1e-9),
+        "rollout/generated_tokens_per_s": stats.generated_tokens / max(stats.generation_seconds, 1e-9),
+        "rollout/generation_s": stats.generation_seconds,
+        "rollout/env_s": stats.env_seconds,
+    }
+    if done:
+        metrics["rollout/return_mean"] = float(np.mean([ep.env_return for ep in done]))
+        metrics["rollout/episode_length"] = float(np.mean([ep.num_turns for ep in done]))
+    return metrics
