@@ -68,7 +68,7 @@ def build_buffer(tokenizer, episodes: Sequence[Episode]) -> RolloutBuffer:
         bootstrap_position=torch.zeros(num, dtype=torch.long),
         lengths=torch.tensor([len(e.input_ids) for e in encoded]),
     )
-    for row, (enc, ep) in enumerate(zip(encoded, episodes)):
+    for row, (enc, ep) in enumerate(zip(encoded, episodes, strict=True)):
         n, t = len(enc.input_ids), ep.num_turns
         buf.input_ids[row, :n] = torch.tensor(enc.input_ids)
         buf.attention_mask[row, :n] = 1

@@ -65,7 +65,11 @@ class RolloutDataModule(L.LightningDataModule):
             raise TypeError(
                 f"data.agent must be an llamagym_pl.Agent subclass instance, got {type(agent).__name__}"
             )
-        for name, value in {"num_envs": num_envs, "steps_per_env": steps_per_env, "max_new_tokens": max_new_tokens}.items():
+        for name, value in {
+            "num_envs": num_envs,
+            "steps_per_env": steps_per_env,
+            "max_new_tokens": max_new_tokens,
+        }.items():
             if value < 1:
                 raise ValueError(f"data.{name}={value} must be >= 1")
         if temperature <= 0:

@@ -35,7 +35,7 @@ class LlamaGymCLI(LightningCLI):
             "--ckpt_path",
             type=str | None,
             default=None,
-            help="Checkpoint to resume from: a path, or 'last' for the newest last.ckpt in checkpoint.dirpath.",
+            help="Checkpoint to resume from: a path, or last (newest last.ckpt in checkpoint.dirpath).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(

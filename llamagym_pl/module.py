@@ -20,6 +20,7 @@ from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.loading import load_causal_lm, load_tokenizer
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import rollout_metrics
+from llamagym_pl.update import ppo_loss, score_rollout
 
 
 class PPOModule(L.LightningModule):
@@ -83,42 +84,14 @@ class PPOModule(L.LightningModule):
         self.policy = PolicyWithValueHead(lm)
         self._stop_epoch = False
 
-    # ----------------------------------------------------------------- rollout scoring
-    @torch.no_grad()
-    def score_rollout(self, buf: RolloutBuffer) -> dict[str, float]:
-        """Fill ``buf`` with old log-probs and values (one forward per episode) and GAE."""
-        hp = self.hparams
-        was_training = self.policy.training
-        self.policy.eval()
-        logprobs = torch.zeros(buf.input_ids.shape)
-        values = torch.zeros(buf.input_ids.shape)
-        try:
-            for start in range(0, len(buf), hp.score_batch_size):
-                rows = slice(start, start + hp.score_batch_size)
-                length = int(buf.lengths[rows].max())
-                ids = buf.input_ids[rows, :length].to(self.device)
-                logits, v = self.policy(ids, buf.attention_mask[rows, :length].to(self.device))
-                # logprobs[:, i] = log p(token i | < i); position 0 has no prediction.
-                logprobs[rows, 1:length] = ppo.token_logprobs(logits[:, :-1], ids[:, 1:]).float().cpu()
-                values[rows, :length] = v.float().cpu()
-        finally:
-            self.policy.train(was_training)
-        buf.old_logprobs = logprobs
-        buf.old_values = values.gather(1, buf.value_positions) * buf.turn_mask  # (E, T)
-        next_value = values.gather(1, buf.bootstrap_position[:, None]).squeeze(1)  # (E,)
-        buf.advantages, buf.returns = ppo.compute_gae(
-            buf.rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, hp.gamma, hp.gae_lambda
-        )
-        return {
-            "rollout/value_mean": float(ppo.masked_mean(buf.old_values, buf.turn_mask)),
-            "rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)),
-        }
-
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
         datamodule = self.trainer.datamodule
         metrics = rollout_metrics(datamodule.last_stats)
-        metrics.update(self.score_rollout(datamodule.buffer))
+        hp = self.hparams
+        metrics.update(
+            score_rollout(self.policy, datamodule.buffer, hp.gamma, hp.gae_lambda, hp.score_batch_size)
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True)
         if "rollout/return_mean" in metrics:
             # Shown live in the progress bar; the full name is in TensorBoard.
@@ -129,42 +102,13 @@ class PPOModule(L.LightningModule):
         if self._stop_epoch:
             return None  # target_kl reached: Lightning skips backward and the optimizer step
         hp = self.hparams
-        logits, values = self.policy(batch["input_ids"], batch["attention_mask"])  # (B, L, V), (B, L)
-        act = batch["action_mask"]  # (B, L)
-        rows, cols = act.nonzero(as_tuple=True)  # response tokens; never position 0
-        step_logits = logits[rows, cols - 1]  # (N, V): logits that predicted each response token
-        new_logprobs = ppo.token_logprobs(step_logits, batch["input_ids"][rows, cols])  # (N,)
-        old_logprobs = batch["old_logprobs"][rows, cols]
-        advantages = batch["token_advantages"][rows, cols]
-        ones = torch.ones_like(new_logprobs, dtype=torch.bool)
-        if hp.norm_adv:
-            advantages = ppo.masked_whiten(advantages, ones)
-        pg_loss, clipfrac, approx_kl = ppo.policy_loss(new_logprobs, old_logprobs, advantages, ones, hp.clip_coef)
-        entropy = ppo.entropy_from_logits(step_logits).mean()
-        turn_values = values.gather(1, batch["value_positions"])  # (B, T)
-        v_loss = ppo.value_loss(
-            turn_values,
-            batch["old_values"],
-            batch["returns"],
-            batch["turn_mask"],
-            hp.clip_coef if hp.clip_vloss else None,
+        loss, metrics = ppo_loss(
+            self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
         )
-        loss = pg_loss - hp.ent_coef * entropy + hp.vf_coef * v_loss
+        approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and approx_kl > hp.target_kl:
             self._stop_epoch = True
-        self.log_dict(
-            {
-                "train/policy_loss": pg_loss.detach(),
-                "train/value_loss": v_loss.detach(),
-                "train/entropy": entropy.detach(),
-                "train/approx_kl": approx_kl,
-                "train/clipfrac": clipfrac,
-                "train/loss": loss.detach(),
-            },
-            on_step=False,
-            on_epoch=True,
-            batch_size=int(act.shape[0]),
-        )
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=int(batch["input_ids"].shape[0]))
         self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
@@ -191,7 +135,9 @@ class PPOModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # max_grad_norm is a PPO hyperparameter, so it lives here rather than on the Trainer.
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradients(
+            optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
+        )
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:

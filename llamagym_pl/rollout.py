@@ -178,7 +178,7 @@ class RolloutCollector:
                 prompt_tokens += n_prompt
                 gen_tokens += n_gen
                 t0 = time.perf_counter()
-                for i, reply in zip(active, replies):
+                for i, reply in zip(active, replies, strict=True):
                     ep = current[i]
                     action, invalid = self._parse(reply, rngs[i])
                     obs, reward, terminated, truncated, _ = self.envs[i].step(action)
@@ -243,7 +243,12 @@ class RolloutCollector:
         sampling = (
             {"do_sample": False}
             if greedy
-            else {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+            else {
+                "do_sample": True,
+                "temperature": self.temperature,
+                "top_k": self.top_k,
+                "top_p": self.top_p,
+            }
         )
         out = policy.generate(
             input_ids,

@@ -1,0 +1,102 @@
+"""The two PPO steps that need the policy: scoring a rollout and the minibatch loss.
+
+Shared by :class:`~llamagym_pl.module.PPOModule` (Lightning) and the imperative
+:class:`~llamagym_pl.agent.Agent` loop, so both train with exactly the same math
+(:mod:`llamagym_pl.ppo`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llamagym_pl import ppo
+from llamagym_pl.buffer import RolloutBuffer
+from llamagym_pl.policy import PolicyWithValueHead
+
+
+@torch.no_grad()
+def score_rollout(
+    policy: PolicyWithValueHead,
+    buf: RolloutBuffer,
+    gamma: float,
+    gae_lambda: float,
+    batch_size: int,
+) -> dict[str, float]:
+    """Fill ``buf`` with old log-probs and turn values (one forward per episode) and GAE.
+
+    The value of turn ``t`` is read at ``value_positions[:, t]`` (end of its prompt); the
+    bootstrap value of a truncated or cut episode at ``bootstrap_position``.
+    """
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    logprobs = torch.zeros(buf.input_ids.shape)
+    values = torch.zeros(buf.input_ids.shape)
+    try:
+        for start in range(0, len(buf), batch_size):
+            rows = slice(start, start + batch_size)
+            length = int(buf.lengths[rows].max())
+            ids = buf.input_ids[rows, :length].to(device)
+            logits, v = policy(ids, buf.attention_mask[rows, :length].to(device))  # (B, L, V), (B, L)
+            # logprobs[:, i] = log p(token i | tokens < i); position 0 has no prediction.
+            logprobs[rows, 1:length] = ppo.token_logprobs(logits[:, :-1], ids[:, 1:]).float().cpu()
+            values[rows, :length] = v.float().cpu()
+    finally:
+        policy.train(was_training)
+    buf.old_logprobs = logprobs
+    buf.old_values = values.gather(1, buf.value_positions) * buf.turn_mask  # (E, T)
+    next_value = values.gather(1, buf.bootstrap_position[:, None]).squeeze(1)  # (E,)
+    buf.advantages, buf.returns = ppo.compute_gae(
+        buf.rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
+    )
+    return {
+        "rollout/value_mean": float(ppo.masked_mean(buf.old_values, buf.turn_mask)),
+        "rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)),
+    }
+
+
+def ppo_loss(
+    policy: PolicyWithValueHead,
+    batch: dict[str, Tensor],
+    clip_coef: float,
+    clip_vloss: bool,
+    vf_coef: float,
+    ent_coef: float,
+    norm_adv: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped-PPO loss of one minibatch (see :func:`llamagym_pl.buffer.minibatch`).
+
+    Returns the loss to minimize and detached diagnostics (policy/value loss, entropy,
+    approx-KL, clipfrac). Only response tokens enter the policy and entropy terms; only turn
+    value positions enter the value term.
+    """
+    logits, values = policy(batch["input_ids"], batch["attention_mask"])  # (B, L, V), (B, L)
+    rows, cols = batch["action_mask"].nonzero(as_tuple=True)  # response tokens; never position 0
+    step_logits = logits[rows, cols - 1]  # (N, V): the logits that predicted each response token
+    new_logprobs = ppo.token_logprobs(step_logits, batch["input_ids"][rows, cols])  # (N,)
+    old_logprobs = batch["old_logprobs"][rows, cols]  # (N,)
+    advantages = batch["token_advantages"][rows, cols]  # (N,)
+    every = torch.ones_like(new_logprobs, dtype=torch.bool)
+    if norm_adv:
+        advantages = ppo.masked_whiten(advantages, every)
+    pg_loss, clipfrac, approx_kl = ppo.policy_loss(new_logprobs, old_logprobs, advantages, every, clip_coef)
+    entropy = ppo.entropy_from_logits(step_logits).mean()
+    turn_values = values.gather(1, batch["value_positions"])  # (B, T)
+    v_loss = ppo.value_loss(
+        turn_values,
+        batch["old_values"],
+        batch["returns"],
+        batch["turn_mask"],
+        clip_coef if clip_vloss else None,
+    )
+    loss = pg_loss - ent_coef * entropy + vf_coef * v_loss
+    metrics = {
+        "train/policy_loss": pg_loss.detach(),
+        "train/value_loss": v_loss.detach(),
+        "train/entropy": entropy.detach(),
+        "train/approx_kl": approx_kl,
+        "train/clipfrac": clipfrac,
+        "train/loss": loss.detach(),
+    }
+    return loss, metrics
