@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, RolloutDataset, build_buffer
+from llamagym_pl.evaluation import evaluate
 from llamagym_pl.rollout import InvalidActionPolicy, RolloutCollector, RolloutStats, derive_seed
 
 
@@ -39,6 +40,9 @@ class RolloutDataModule(L.LightningDataModule):
         seed: run seed; env and sampling seeds derive from (seed, epoch, rank, env, episode).
         num_transcripts: sample conversations logged as text every ``transcript_every`` epochs.
         transcript_every: epochs between transcript logs.
+        eval_episodes: greedy episodes per evaluation (Lightning validation, every
+            ``trainer.check_val_every_n_epoch`` epochs); always the same seeded deals.
+        eval_num_envs: envs played side by side during evaluation.
     """
 
     def __init__(
@@ -59,6 +63,8 @@ class RolloutDataModule(L.LightningDataModule):
         seed: int = 0,
         num_transcripts: int = 2,
         transcript_every: int = 10,
+        eval_episodes: int = 2000,
+        eval_num_envs: int = 100,
     ) -> None:
         super().__init__()
         if not isinstance(agent, Agent):
@@ -77,31 +83,51 @@ class RolloutDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["agent"])
         self.agent = agent
         self.collector: RolloutCollector | None = None
+        self.eval_collector: RolloutCollector | None = None
         self.buffer: RolloutBuffer | None = None
         self.last_stats: RolloutStats | None = None
 
+    def make_collector(self, num_envs: int) -> RolloutCollector:
+        """A collector with this module's env, agent and generation settings."""
+        hp = self.hparams
+        return RolloutCollector(
+            env_id=hp.env_id,
+            env_kwargs=hp.env_kwargs,
+            agent=self.agent,
+            num_envs=num_envs,
+            max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature,
+            top_k=hp.top_k,
+            top_p=hp.top_p,
+            invalid_action=hp.invalid_action,
+            fallback_action=hp.fallback_action,
+            invalid_penalty=hp.invalid_penalty,
+            max_episode_steps=hp.max_episode_steps,
+        )
+
     def setup(self, stage: str) -> None:
-        if self.collector is None:
-            hp = self.hparams
-            self.collector = RolloutCollector(
-                env_id=hp.env_id,
-                env_kwargs=hp.env_kwargs,
-                agent=self.agent,
-                num_envs=hp.num_envs,
-                max_new_tokens=hp.max_new_tokens,
-                temperature=hp.temperature,
-                top_k=hp.top_k,
-                top_p=hp.top_p,
-                invalid_action=hp.invalid_action,
-                fallback_action=hp.fallback_action,
-                invalid_penalty=hp.invalid_penalty,
-                max_episode_steps=hp.max_episode_steps,
-            )
+        if stage == "fit" and self.collector is None:
+            self.collector = self.make_collector(self.hparams.num_envs)
+        if stage in ("fit", "validate") and self.eval_collector is None:
+            self.eval_collector = self.make_collector(self.hparams.eval_num_envs)
 
     def teardown(self, stage: str) -> None:
-        if self.collector is not None:
-            self.collector.close()
-            self.collector = None
+        for collector in (self.collector, self.eval_collector):
+            if collector is not None:
+                collector.close()
+        self.collector = self.eval_collector = None
+
+    def val_dataloader(self) -> DataLoader:
+        # One placeholder batch: PPOModule.validation_step plays the evaluation episodes itself.
+        return DataLoader([0], batch_size=None)
+
+    def evaluate(self, policy, tokenizer, num_episodes: int | None = None) -> dict:
+        """Greedy evaluation on the fixed evaluation deals (see :func:`evaluation.evaluate`)."""
+        if self.eval_collector is None:
+            self.eval_collector = self.make_collector(self.hparams.eval_num_envs)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        episodes = num_episodes if num_episodes is not None else self.hparams.eval_episodes
+        return evaluate(policy, tokenizer, self.eval_collector, episodes, self.hparams.seed, rank)
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module

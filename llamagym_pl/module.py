@@ -112,6 +112,12 @@ class PPOModule(L.LightningModule):
         self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        results = self.trainer.datamodule.evaluate(self.policy, self.tokenizer)
+        metrics = {f"eval/{k}": float(v) for k, v in results.items()}
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
+        self.log("eval", metrics["eval/return_mean"], prog_bar=True, logger=False, batch_size=1)
+
     def on_train_epoch_end(self) -> None:
         buf: RolloutBuffer = self.trainer.datamodule.buffer
         ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
