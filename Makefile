@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 CONFIG ?= experiments/blackjack.yaml
 
-.PHONY: install test lint fit resume tensorboard bench plot clean
+.PHONY: install test lint fit resume tensorboard bench plot evaluate clean
 
 install:  ## create .venv, install the CPU torch wheel first, then the project with dev extras
 	python3 -m venv .venv
@@ -28,3 +28,11 @@ tensorboard:
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
+
+LOGDIR ?= $(shell ls -d runs/blackjack/version_* 2>/dev/null | sort -V | tail -n 1)
+plot:  ## render the newest blackjack run's learning curve to docs/blackjack-curve.png
+	$(PY) -m llamagym_pl.plot --logdir $(LOGDIR) --out docs/blackjack-curve.png --blackjack
+
+CKPT ?= runs/blackjack/checkpoints/last.ckpt
+evaluate:  ## greedy evaluation (20,000 episodes) of the last checkpoint
+	$(PY) -m llamagym_pl.evaluate --config $(CONFIG) --ckpt_path $(CKPT)
