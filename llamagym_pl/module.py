@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from llamagym_pl import ppo
@@ -93,9 +94,19 @@ class PPOModule(L.LightningModule):
             score_rollout(self.policy, datamodule.buffer, hp.gamma, hp.gae_lambda, hp.score_batch_size)
         )
         self.log_dict(metrics, on_step=False, on_epoch=True)
+        self._log_transcripts(datamodule)
         if "rollout/return_mean" in metrics:
             # Shown live in the progress bar; the full name is in TensorBoard.
             self.log("return", metrics["rollout/return_mean"], prog_bar=True, logger=False, on_epoch=True)
+
+    def _log_transcripts(self, datamodule) -> None:
+        every, count = datamodule.hparams.transcript_every, datamodule.hparams.num_transcripts
+        if count < 1 or every < 1 or self.current_epoch % every:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for i, text in enumerate(datamodule.sample_transcripts(count)):
+                    logger.experiment.add_text(f"transcripts/{i}", text, self.global_step)
 
     # ----------------------------------------------------------------- PPO update
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
