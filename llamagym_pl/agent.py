@@ -10,7 +10,10 @@ imperative loop (`agent.act(obs)` ...).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llamagym_pl.imperative import ImperativeTrainer
 
 
 class Agent(ABC):
@@ -22,8 +25,17 @@ class Agent(ABC):
         tokenizer: Only for the imperative loop: the model's tokenizer.
         device: Only for the imperative loop: a device string or ``torch.device``.
         generate_config_dict: Only for the imperative loop: generation settings.
-        ppo_config_dict: Only for the imperative loop: PPO settings.
+        ppo_config_dict: Only for the imperative loop: PPO settings (see
+            :class:`~llamagym_pl.imperative.ImperativeConfig`).
+        action_space: Only for the imperative loop: the env's action space, to check replies
+            against and draw fallback actions from (also settable as ``agent.action_space``).
+
+    The imperative loop (``act``, ``assign_reward``, ``terminate_episode``, ``train``, ``eval``)
+    is LlamaGym's API; its trainer is built on the first ``act`` (see
+    :mod:`llamagym_pl.imperative`).
     """
+
+    action_space: Any = None
 
     def __init__(
         self,
@@ -32,12 +44,18 @@ class Agent(ABC):
         device: Any = None,
         generate_config_dict: dict[str, Any] | None = None,
         ppo_config_dict: dict[str, Any] | None = None,
+        *,
+        action_space: Any = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.generate_config_dict = dict(generate_config_dict or {})
         self.ppo_config_dict = dict(ppo_config_dict or {})
+        if action_space is not None:  # else keep a subclass's class attribute
+            self.action_space = action_space
+        self._imperative: ImperativeTrainer | None = None
+        self._imperative_training = True
 
     @abstractmethod
     def get_system_prompt(self) -> str:
@@ -55,3 +73,75 @@ class Agent(ABC):
         names no valid action: the rollout then applies its configured invalid-action policy
         (fallback action, optional penalty) and counts it, so turns and rewards stay in step.
         """
+
+    # ------------------------------------------------------------------ LlamaGym's imperative loop
+    def act(self, observation: Any) -> Any:
+        """Reply to ``observation`` and return the env action: always a valid one.
+
+        A reply that ``extract_action`` rejects gets the configured fallback action (counted in
+        the stats as ``rollout/invalid_actions``). In eval mode the reply is greedy.
+        """
+        return self._trainer().act(observation)
+
+    def assign_reward(self, reward: float) -> None:
+        """Reward of the last ``act`` turn (calling it twice for one turn adds the rewards)."""
+        if getattr(self, "_imperative", None) is None:
+            raise RuntimeError("assign_reward() was called before act(): a reward belongs to an act() turn")
+        self._trainer().assign_reward(reward)
+
+    def terminate_episode(self, truncated: bool = False, next_observation: Any = None) -> dict[str, float]:
+        """End the episode; runs a PPO update when a batch of episodes is full.
+
+        Returns the update's stats (TensorBoard names, e.g. ``train/approx_kl``,
+        ``rollout/return_mean``), or ``{}`` when no update ran. Pass ``truncated=True`` with
+        ``next_observation`` when a time limit, not the env, ended the episode.
+        """
+        return self._trainer().terminate_episode(truncated, next_observation)
+
+    def train(self, mode: bool = True) -> Agent:
+        """Training mode (the default): sampled replies, episodes recorded and trained on."""
+        if getattr(self, "_imperative", None) is not None:
+            self._imperative.set_training(mode)
+        self._imperative_training = mode
+        return self
+
+    def eval(self) -> Agent:
+        """Inference mode: greedy replies, nothing recorded, no training."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        return getattr(self, "_imperative_training", True)
+
+    @property
+    def current_episode_messages(self) -> list[dict[str, str]]:
+        """The chat so far (as LlamaGym exposed it); empty before the first ``act``."""
+        trainer = getattr(self, "_imperative", None)
+        ep = trainer.episode if trainer is not None else None
+        if ep is None or not ep.observations:
+            return []
+        from llamagym_pl.chat import build_messages
+
+        return build_messages(trainer.tokenizer, ep.system_prompt, ep.observations, ep.responses)
+
+    @property
+    def current_episode_rewards(self) -> list[float]:
+        """Per-turn rewards of the episode so far (as LlamaGym exposed them)."""
+        trainer = getattr(self, "_imperative", None)
+        return list(trainer.episode.rewards) if trainer is not None and trainer.episode else []
+
+    def _trainer(self) -> ImperativeTrainer:
+        if getattr(self, "_imperative", None) is None:
+            # Imported here: imperative.py imports the rollout code, which imports this module.
+            from llamagym_pl.imperative import ImperativeTrainer
+
+            self._imperative = ImperativeTrainer(
+                self,
+                getattr(self, "model", None),
+                getattr(self, "tokenizer", None),
+                getattr(self, "device", None),
+                getattr(self, "generate_config_dict", None),
+                getattr(self, "ppo_config_dict", None),
+                training=self.training,
+            )
+        return self._imperative

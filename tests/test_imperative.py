@@ -1,0 +1,296 @@
+"""The LlamaGym-compatible imperative loop: ``act`` / ``assign_reward`` / ``terminate_episode``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llamagym_pl.imperative as imperative
+from llamagym_pl import Agent
+from llamagym_pl.imperative import ImperativeConfig, generation_kwargs
+from llamagym_pl.policy import PolicyWithValueHead
+
+# Two tokens are enough for "hit </s>"; LlamaGym's 32 would make the loop test slow on CPU.
+FAST_GENERATE = {"max_new_tokens": 2}
+EPISODES = 320  # 40 PPO updates of 8 episodes
+TRAIN_KEYS = (
+    "train/policy_loss",
+    "train/value_loss",
+    "train/entropy",
+    "train/approx_kl",
+    "train/clipfrac",
+    "train/loss",
+    "train/learning_rate",
+    "rollout/return_mean",
+    "rollout/invalid_action_rate",
+    "rollout/invalid_actions",
+    "rollout/value_mean",
+    "rollout/advantage_mean",
+)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine
+    torch's spinning threads oversubscribe the CPU (10x slower measured under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load(model_dir: Path) -> tuple[Any, Any]:
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+
+# The seed README's agent, verbatim.
+class BlackjackAgent(Agent):
+    def get_system_prompt(self) -> str:
+        return "You are an expert blackjack player."
+
+    def format_observation(self, observation) -> str:
+        return f"Your current total is {observation[0]}"
+
+    def extract_action(self, response: str):
+        return 0 if "stick" in response else 1
+
+
+class MuteAgent(BlackjackAgent):
+    """Never names an action."""
+
+    def extract_action(self, response: str):
+        raise ValueError(f"no action in {response!r}")
+
+
+class OutOfSpaceAgent(BlackjackAgent):
+    def extract_action(self, response: str):
+        return 7
+
+
+def play(agent: Agent, env: gym.Env, seed: int) -> dict[str, float]:
+    observation, info = env.reset(seed=seed)
+    done = False
+    while not done:
+        action = agent.act(observation)
+        assert env.action_space.contains(action)
+        observation, reward, terminated, truncated, info = env.step(action)
+        agent.assign_reward(reward)
+        done = terminated or truncated
+    return agent.terminate_episode()
+
+
+@pytest.mark.slow
+def test_seed_readme_loop_trains(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    device = "cpu"
+    agent = BlackjackAgent(model, tokenizer, device, FAST_GENERATE)
+
+    # The seed README's loop; only `trange` became `range` and the stats are collected.
+    all_stats = []
+    env = gym.make("Blackjack-v1")
+    for episode in range(EPISODES):  # noqa: B007 - the seed loop, verbatim
+        observation, info = env.reset()
+        done = False
+
+        while not done:
+            action = agent.act(observation)  # act based on observation
+            observation, reward, terminated, truncated, info = env.step(action)
+            agent.assign_reward(reward)  # provide reward to agent
+            done = terminated or truncated
+
+        train_stats = agent.terminate_episode()  # trains if batch is full
+        all_stats.append(train_stats)
+
+    assert all(isinstance(s, dict) for s in all_stats)
+    updates = [s for s in all_stats if s]
+    assert len(updates) == EPISODES // 8
+    assert all(bool(s) == ((i + 1) % 8 == 0) for i, s in enumerate(all_stats))
+    for stats in updates:
+        for key in TRAIN_KEYS:
+            assert math.isfinite(stats[key]), (key, stats[key])
+        assert stats["rollout/episodes"] == 8
+        assert stats["rollout/invalid_actions"] == 0
+        assert stats["train/minibatch_steps"] == 4 * 4  # update_epochs * num_minibatches
+        assert -1.0 <= stats["rollout/return_mean"] <= 1.5
+    assert any(stats["train/approx_kl"] != 0 for stats in updates)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "no weight changed after the PPO updates"
+
+
+def test_invalid_reply_plays_counted_fallback(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    env = gym.make("Blackjack-v1")
+    ppo_config = {
+        "batch_size": 2,
+        "num_minibatches": 1,
+        "action_space": env.action_space,
+        "invalid_action": "fixed",
+        "fallback_action": 0,
+        "invalid_penalty": -0.5,
+    }
+    agent = MuteAgent(model, tokenizer, "cpu", FAST_GENERATE, ppo_config)
+    observation, _ = env.reset(seed=0)
+    assert agent.act(observation) == 0
+    agent.assign_reward(1.0)
+    agent.assign_reward(0.5)  # the same turn: rewards add
+    ep = agent._imperative.episode
+    assert (len(ep.observations), len(ep.responses), len(ep.rewards), len(ep.invalid)) == (1, 1, 1, 1)
+    assert ep.rewards == [1.0] and ep.env_return == 1.5 and ep.invalid == [True]
+    assert agent.terminate_episode() == {}
+    stats = play(agent, env, seed=1)  # the fallback "stick" ends every episode after one turn
+    assert stats["rollout/env_steps"] == 2 and stats["rollout/invalid_actions"] == 2
+    assert stats["rollout/invalid_action_rate"] == 1.0
+    assert agent._imperative.episodes == []  # the update consumed the batch
+
+
+def test_out_of_space_action_gets_random_fallback(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    env = gym.make("Blackjack-v1")
+    agent = OutOfSpaceAgent(model, tokenizer, "cpu", FAST_GENERATE, action_space=env.action_space)
+    observation, _ = env.reset(seed=0)
+    actions = {agent.act(observation) for _ in range(20)}
+    assert actions <= {0, 1}
+    ep = agent._imperative.episode
+    assert ep.invalid == [True] * 20 and len(ep.observations) == len(ep.responses) == 20
+
+
+def test_invalid_reply_without_action_space_is_a_clear_error(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    agent = MuteAgent(model, tokenizer, "cpu", FAST_GENERATE)
+    with pytest.raises(RuntimeError, match="action_space"):
+        agent.act((12, 3, 0))
+    assert agent._imperative.episode.responses == []  # the failed turn left no half entry
+
+
+def test_assign_reward_before_act_raises(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    agent = BlackjackAgent(model, tokenizer, "cpu", FAST_GENERATE)
+    with pytest.raises(RuntimeError, match="before act"):
+        agent.assign_reward(1.0)
+    agent.act((12, 3, 0))
+    agent.assign_reward(1.0)
+    agent.terminate_episode()
+    with pytest.raises(RuntimeError, match="before act"):
+        agent.assign_reward(1.0)  # a new episode has no turn yet
+
+
+def test_eval_mode_is_greedy_and_records_nothing(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    # Long replies: sampling would almost surely differ between the two tries.
+    agent = BlackjackAgent(
+        model, tokenizer, "cpu", {"max_new_tokens": 8}, {"batch_size": 1, "num_minibatches": 1}
+    )
+    assert agent.eval() is agent and not agent.training
+    replies = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        agent.act((12, 3, 0))
+        replies.append(agent.current_episode_messages[-1]["content"])
+        agent.assign_reward(1.0)
+        assert agent.terminate_episode() == {}
+    assert replies[0] == replies[1]
+    assert agent._imperative.episodes == [] and agent._imperative.num_updates == 0
+
+    agent.train()
+    agent.act((12, 3, 0))
+    with pytest.raises(RuntimeError, match="between episodes"):
+        agent.eval()
+    assert agent.terminate_episode()  # batch_size 1: trained on the training episode
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_device_as_str_or_torch_device(tiny_model_dir: Path, device: str | torch.device) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    agent = BlackjackAgent(model, tokenizer, device, FAST_GENERATE)
+    assert agent.act((12, 3, 0)) in (0, 1)
+    assert agent._imperative.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in agent._imperative.policy.parameters())
+
+
+def test_existing_policy_with_value_head_is_used_as_is(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    policy = PolicyWithValueHead(model)
+    agent = BlackjackAgent(policy, tokenizer, "cpu", FAST_GENERATE)
+    agent.act((12, 3, 0))
+    assert agent._imperative.policy is policy
+
+
+def test_truncated_episode_bootstraps_from_next_observation(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    agent = BlackjackAgent(model, tokenizer, "cpu", FAST_GENERATE, {"batch_size": 2, "num_minibatches": 1})
+    agent.act((12, 3, 0))
+    agent.assign_reward(0.0)
+    with pytest.raises(ValueError, match="next_observation"):
+        agent.terminate_episode(truncated=True)
+    assert agent.terminate_episode(truncated=True, next_observation=(15, 3, 0)) == {}
+    ep = agent._imperative.episodes[0]
+    assert ep.truncated and not ep.terminated
+    assert ep.observations == ["Your current total is 12", "Your current total is 15"]
+    agent.act((20, 3, 0))
+    agent.assign_reward(1.0)
+    stats = agent.terminate_episode()
+    assert stats["rollout/episodes"] == 2
+
+
+def test_update_uses_the_shared_ppo_functions(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, int] = {}
+
+    def spy(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("build_buffer", "score_rollout", "ppo_loss", "minibatch"):
+        monkeypatch.setattr(imperative, name, spy(name, getattr(imperative, name)))
+    model, tokenizer = load(tiny_model_dir)
+    config = {"batch_size": 2, "num_minibatches": 2, "update_epochs": 3}
+    agent = BlackjackAgent(model, tokenizer, "cpu", FAST_GENERATE, config)
+    env = gym.make("Blackjack-v1")
+    assert play(agent, env, seed=0) == {}
+    stats = play(agent, env, seed=1)
+    assert calls == {"build_buffer": 1, "score_rollout": 1, "ppo_loss": 6, "minibatch": 6}
+    assert stats["train/minibatch_steps"] == 6
+
+
+def test_config_accepts_llamagym_keys_and_rejects_unknown() -> None:
+    config = ImperativeConfig.from_dict({"batch_size": 8, "mini_batch_size": 4, "ppo/ppo_epochs": 2})
+    assert (config.batch_size, config.num_minibatches, config.update_epochs) == (8, 2, 2)
+    with pytest.raises(ValueError, match="unknown ppo_config_dict keys"):
+        ImperativeConfig.from_dict({"batch_sise": 8})
+    with pytest.raises(ValueError, match="num_minibatches"):
+        ImperativeConfig.from_dict({"batch_size": 2})
+    kwargs = generation_kwargs({"generate/max_new_tokens": 5, "generate/do_sample": True})
+    assert kwargs["max_new_tokens"] == 5 and kwargs["temperature"] == 1.0 and kwargs["top_k"] == 0
+
+
+def test_act_without_model_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="needs a model and tokenizer"):
+        BlackjackAgent().act((12, 3, 0))
+
+
+def test_trl_value_head_model_is_unwrapped(tiny_model_dir: Path) -> None:
+    """LlamaGym scripts pass TRL's AutoModelForCausalLMWithValueHead; its LM is trained with ours."""
+    model, tokenizer = load(tiny_model_dir)
+
+    class TrlLike(torch.nn.Module):  # the two attributes TRL's wrapper has
+        def __init__(self) -> None:
+            super().__init__()
+            self.pretrained_model = model
+            self.v_head = torch.nn.Linear(4, 1)
+
+    agent = BlackjackAgent(TrlLike(), tokenizer, "cpu", FAST_GENERATE)
+    agent.act((12, 3, 0))
+    assert agent._imperative.policy.lm is model
