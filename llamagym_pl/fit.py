@@ -19,6 +19,8 @@ TRAINER_DEFAULTS = {
     # One epoch = one PPO iteration: the rollout must be played afresh every epoch.
     "reload_dataloaders_every_n_epochs": 1,
     "num_sanity_val_steps": 0,
+    # Greedy evaluation (Lightning validation) is a few thousand episodes: not every epoch.
+    "check_val_every_n_epoch": 10,
     # Each rank plays its own envs; Lightning must not split a rank's rollout again.
     "use_distributed_sampler": False,
     "log_every_n_steps": 1,

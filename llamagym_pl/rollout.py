@@ -237,7 +237,8 @@ class RolloutCollector:
         return _sample_space(self.action_space, rng), True
 
     def _generate(self, policy, tokenizer, conversations, greedy: bool) -> tuple[list[str], int, int]:
-        input_ids, attention_mask = encode_prompts(tokenizer, conversations)
+        input_ids, attention_mask = encode_prompts(tokenizer, conversations)  # (B, P) each
+        n_prompt = int(attention_mask.sum())  # counted on the host: no device sync for it
         device = next(policy.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         sampling = (
@@ -265,7 +266,7 @@ class RolloutCollector:
                 row = row[: row.index(tokenizer.eos_token_id) + 1]
             n_gen += len(row)
             replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-        return replies, int(attention_mask.sum()), n_gen
+        return replies, n_prompt, n_gen
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any] | None, max_episode_steps: int | None) -> gym.Env:
@@ -291,21 +292,46 @@ def _sample_space(space: gym.Space, rng: np.random.Generator) -> Any:
     return space.sample()
 
 
-def rollout_metrics(stats: RolloutStats) -> dict[str, float]:
-    """Per-epoch numbers for the logger; returns are over episodes the env ended."""
+def rollout_totals(stats: RolloutStats) -> dict[str, float]:
+    """Additive per-rollout sums: reduce them across DDP ranks, then :func:`metrics_from_totals`."""
     done = [ep for ep in stats.episodes if ep.done]
-    turns = sum(ep.num_turns for ep in stats.episodes)
-    invalid = sum(sum(ep.invalid) for ep in stats.episodes)
-    metrics = {
-        "rollout/episodes": float(len(done)),
-        "rollout/env_steps": float(stats.env_steps),
-        "rollout/invalid_action_rate": invalid / max(turns, 1),
-        "rollout/env_steps_per_s": stats.env_steps / max(stats.seconds, 1e-9),
-        "rollout/generated_tokens_per_s": stats.generated_tokens / max(stats.generation_seconds, 1e-9),
-        "rollout/generation_s": stats.generation_seconds,
-        "rollout/env_s": stats.env_seconds,
+    return {
+        "episodes": float(len(done)),
+        "return_sum": float(sum(ep.env_return for ep in done)),
+        "length_sum": float(sum(ep.num_turns for ep in done)),
+        "turns": float(sum(ep.num_turns for ep in stats.episodes)),
+        "invalid": float(sum(sum(ep.invalid) for ep in stats.episodes)),
+        "env_steps": float(stats.env_steps),
+        "generated_tokens": float(stats.generated_tokens),
+        "seconds": stats.seconds,
+        "generation_seconds": stats.generation_seconds,
+        "env_seconds": stats.env_seconds,
     }
-    if done:
-        metrics["rollout/return_mean"] = float(np.mean([ep.env_return for ep in done]))
-        metrics["rollout/episode_length"] = float(np.mean([ep.num_turns for ep in done]))
+
+
+def metrics_from_totals(totals: dict[str, float], world_size: int = 1) -> dict[str, float]:
+    """Logged rollout metrics; returns are over episodes the env ended.
+
+    With ``world_size`` ranks the totals are sums over ranks (timings too): throughput is the
+    summed work over the mean wall time, i.e. the whole job's rate.
+    """
+    seconds = max(totals["seconds"] / world_size, 1e-9)
+    gen_seconds = max(totals["generation_seconds"] / world_size, 1e-9)
+    metrics = {
+        "rollout/episodes": totals["episodes"],
+        "rollout/env_steps": totals["env_steps"],
+        "rollout/invalid_action_rate": totals["invalid"] / max(totals["turns"], 1.0),
+        "rollout/env_steps_per_s": totals["env_steps"] / seconds,
+        "rollout/generated_tokens_per_s": totals["generated_tokens"] / gen_seconds,
+        "rollout/generation_s": totals["generation_seconds"] / world_size,
+        "rollout/env_s": totals["env_seconds"] / world_size,
+    }
+    if totals["episodes"] > 0:
+        metrics["rollout/return_mean"] = totals["return_sum"] / totals["episodes"]
+        metrics["rollout/episode_length"] = totals["length_sum"] / totals["episodes"]
     return metrics
+
+
+def rollout_metrics(stats: RolloutStats) -> dict[str, float]:
+    """Logged metrics of one process's rollout (see :func:`metrics_from_totals`)."""
+    return metrics_from_totals(rollout_totals(stats))
