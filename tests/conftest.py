@@ -14,6 +14,8 @@ import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from llamagym_pl.loading import load_causal_lm
+from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.tiny_model import build_tiny_model, tiny_vocab
 
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json "chat_template", verbatim (a raw string, so
@@ -142,3 +144,9 @@ def nosystem_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTo
         name="test-gemma-it",
     )
     return _saved_and_loaded(tokenizer, tmp_path_factory.mktemp("gemma"))
+
+
+@pytest.fixture
+def tiny_policy(tiny_model_dir: Path) -> PolicyWithValueHead:
+    """A fresh tiny policy (LM + value head) per test: tests may train it or switch its mode."""
+    return PolicyWithValueHead(load_causal_lm(str(tiny_model_dir)))
