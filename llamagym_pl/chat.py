@@ -85,21 +85,43 @@ def render(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], add_generation_prompt: bool
 ) -> str:
     """Render ``messages`` to text with the tokenizer's chat template."""
+    return render_batch(tokenizer, [messages], add_generation_prompt)[0]
+
+
+def render_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    add_generation_prompt: bool,
+) -> list[str]:
+    """:func:`render` for many conversations in one ``apply_chat_template`` call.
+
+    Same text as rendering one by one; one call saves the per-call setup, which costs more than
+    the Jinja rendering itself for the short conversations of a rollout.
+    """
     if not tokenizer.chat_template:
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; set `tokenizer.chat_template` "
             "to a Jinja template or pick an instruct/chat model"
         )
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    if not conversations:
+        return []
+    texts = tokenizer.apply_chat_template(
+        [list(c) for c in conversations], tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    assert isinstance(text, str)  # tokenize=False returns the rendered string
-    return text
+    assert isinstance(texts, list)  # a batch with tokenize=False renders to a list of strings
+    return texts
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of rendered text. Templates already write BOS, so none is added here."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_texts(tokenizer, [text])[0]
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """:func:`encode_text` for many texts: one call into the (Rust) tokenizer, same ids."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def encode_prompts(
@@ -112,21 +134,57 @@ def encode_prompts(
     Returns:
         ``(input_ids, attention_mask)``, both ``(B, L)`` long; the mask is 0 on padding.
     """
-    if tokenizer.pad_token_id is None:
+    pad = tokenizer.pad_token_id
+    if pad is None:
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no pad token; set `tokenizer.pad_token` "
             "(e.g. to its eos token) before batching prompts"
         )
-    prompts = [
-        encode_text(tokenizer, render(tokenizer, c, add_generation_prompt=True)) for c in conversations
-    ]
+    prompts = encode_texts(tokenizer, render_batch(tokenizer, conversations, add_generation_prompt=True))
     length = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)  # (B, L)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, length - len(prompt) :] = 1
-    return input_ids, attention_mask
+    # Padded as Python lists, then one tensor each: no per-row tensor and slice assignment.
+    input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], dtype=torch.long)  # (B, L)
+    mask = [[0] * (length - len(p)) + [1] * len(p) for p in prompts]
+    return input_ids, torch.tensor(mask, dtype=torch.long)  # (B, L), (B, L)
+
+
+def fit_to_budget(
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None,
+    observations: Sequence[str],
+    responses: Sequence[str],
+    max_tokens: int,
+) -> tuple[list[str], list[str]]:
+    """Drop the oldest (observation, response) pairs until the rendered prompt fits ``max_tokens``.
+
+    The system prompt and the current observation (the last one; with as many responses as
+    observations, the last pair) are always kept. The length counted is that of the rendered
+    conversation, with the generation prompt when it ends on an observation: what the policy
+    is fed. Returns the kept ``(observations, responses)``.
+
+    Raises:
+        ValueError: if the system prompt and the current observation alone exceed the budget.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if not observations or len(responses) not in (len(observations), len(observations) - 1):
+        raise ValueError(f"got {len(observations)} observations and {len(responses)} responses")
+    prompt = len(observations) > len(responses)
+
+    def length(drop: int) -> int:
+        messages = build_messages(tokenizer, system_prompt, observations[drop:], responses[drop:])
+        return len(encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=prompt)))
+
+    # Linear from the oldest turn: the first drop count that fits keeps the most history.
+    for drop in range(len(observations)):
+        n = length(drop)
+        if n <= max_tokens:
+            return list(observations[drop:]), list(responses[drop:])
+    system = len(encode_text(tokenizer, system_prompt)) if system_prompt else 0
+    raise ValueError(
+        f"the system prompt ({system} tokens) and the current observation render to {n} tokens, "
+        f"more than max_prompt_tokens={max_tokens}: raise the budget or shorten the prompt"
+    )
 
 
 @dataclass
@@ -168,31 +226,77 @@ def encode_episode(
         ValueError: if a rendered prefix does not tokenize to a prefix of the whole episode
             (the template is not prefix-stable, e.g. it rewrites earlier turns).
     """
-    bootstrap = len(observations) == len(responses) + 1
-    messages = build_messages(tokenizer, system_prompt, observations, responses)
-    input_ids = encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=bootstrap))
+    return encode_episodes(tokenizer, [(system_prompt, observations, responses)])[0]
+
+
+EpisodeText = tuple[str | None, Sequence[str], Sequence[str]]
+"""``(system_prompt, observations, responses)`` of one episode, as :func:`encode_episode` takes."""
+
+
+def encode_episodes(
+    tokenizer: PreTrainedTokenizerBase, episodes: Sequence[EpisodeText]
+) -> list[EncodedEpisode]:
+    """:func:`encode_episode` for many episodes, with the same result for each.
+
+    An episode of T turns needs 2T+1 rendered prefixes and as many tokenizations; here they are
+    rendered in two ``apply_chat_template`` calls and tokenized in one tokenizer call for all
+    episodes together, which is several times faster than one call per text.
+    """
+    messages = [build_messages(tokenizer, *episode) for episode in episodes]
+    bootstrap = [len(obs) == len(resp) + 1 for _, obs, resp in episodes]
+    turns: list[tuple[int, int]] = []  # (e, end): messages[e][:end] ends with the turn's user message
+    for e, (msgs, (_, _, responses)) in enumerate(zip(messages, episodes, strict=True)):
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        turns += [(e, users[t] + 1) for t in range(len(responses))]
+    with_prompt = [msgs for msgs, b in zip(messages, bootstrap, strict=True) if b]
+    with_prompt += [messages[e][:end] for e, end in turns]  # each turn's generation prompt
+    without = [msgs for msgs, b in zip(messages, bootstrap, strict=True) if not b]
+    without += [messages[e][: end + 1] for e, end in turns]  # ... and the turn with its reply
+    rendered_with = iter(render_batch(tokenizer, with_prompt, add_generation_prompt=True))
+    rendered_without = iter(render_batch(tokenizer, without, add_generation_prompt=False))
+    full_texts = [next(rendered_with) if b else next(rendered_without) for b in bootstrap]
+    prompt_texts, done_texts = list(rendered_with), list(rendered_without)
+    # Prefer each turn without trailing whitespace (the "\n" after "<|im_end|>"): the policy did
+    # not generate it. Fall back to the whole text where stripping changes how it tokenizes.
+    ids = encode_texts(tokenizer, full_texts + prompt_texts + [d.rstrip() for d in done_texts])
+    num_episodes, num_turns = len(episodes), len(turns)
+    full_ids = ids[:num_episodes]
+    prompt_ids = ids[num_episodes : num_episodes + num_turns]
+    done_ids = ids[num_episodes + num_turns :]
+    retry = [k for k, (e, _) in enumerate(turns) if not _is_prefix(done_ids[k], full_ids[e])]
+    for k, retried in zip(retry, encode_texts(tokenizer, [done_texts[k] for k in retry]), strict=True):
+        done_ids[k] = retried
+    by_episode: list[list[tuple[list[int], list[int]]]] = [[] for _ in episodes]
+    for k, (e, _) in enumerate(turns):
+        by_episode[e].append((prompt_ids[k], done_ids[k]))
+    return [
+        _locate_turns(tokenizer, input_ids, spans, b)
+        for input_ids, spans, b in zip(full_ids, by_episode, bootstrap, strict=True)
+    ]
+
+
+def _locate_turns(
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: list[int],
+    turns: list[tuple[list[int], list[int]]],
+    bootstrap: bool,
+) -> EncodedEpisode:
+    """Masks and positions from each turn's (generation prompt ids, prompt + reply ids)."""
     action_mask = [False] * len(input_ids)
     turn_index = [-1] * len(input_ids)
     value_positions: list[int] = []
-    user_positions = [i for i, m in enumerate(messages) if m["role"] == "user"]
     previous_end = 0
-    for turn in range(len(responses)):
-        user_end = user_positions[turn] + 1  # messages[:user_end] ends with user message `turn`
-        prompt = render(tokenizer, messages[:user_end], add_generation_prompt=True)
-        start = _prefix_length(tokenizer, input_ids, [prompt], turn, "generation prompt")
-        done = render(tokenizer, messages[: user_end + 1], add_generation_prompt=False)
-        # Prefer the turn without trailing whitespace (the "\n" after "<|im_end|>"): the policy
-        # did not generate it. Fall back when stripping changes how the text tokenizes.
-        end = _prefix_length(tokenizer, input_ids, [done.rstrip(), done], turn, "assistant turn")
+    for turn, (prompt, done) in enumerate(turns):
+        start = _prefix_length(tokenizer, input_ids, prompt, turn, "generation prompt")
+        end = _prefix_length(tokenizer, input_ids, done, turn, "assistant turn")
         if not previous_end <= start < end:
             raise ValueError(
                 f"assistant turn {turn} spans tokens [{start}, {end}) after the previous turn ended "
                 f"at {previous_end}: the chat template of {tokenizer.name_or_path!r} does not render "
                 "the reply as a non-empty span after its generation prompt"
             )
-        for i in range(start, end):
-            action_mask[i] = True
-            turn_index[i] = turn
+        action_mask[start:end] = [True] * (end - start)
+        turn_index[start:end] = [turn] * (end - start)
         value_positions.append(start - 1)
         previous_end = end
     return EncodedEpisode(
@@ -204,14 +308,16 @@ def encode_episode(
     )
 
 
+def _is_prefix(ids: list[int], full_ids: list[int]) -> bool:
+    return full_ids[: len(ids)] == ids
+
+
 def _prefix_length(
-    tokenizer: PreTrainedTokenizerBase, full_ids: list[int], candidates: list[str], turn: int, what: str
+    tokenizer: PreTrainedTokenizerBase, full_ids: list[int], ids: list[int], turn: int, what: str
 ) -> int:
-    """Token count of the first candidate text whose tokens are a prefix of ``full_ids``."""
-    for text in candidates:
-        ids = encode_text(tokenizer, text)
-        if full_ids[: len(ids)] == ids:
-            return len(ids)
+    """``len(ids)``, after checking that ``ids`` (a rendered prefix) start ``full_ids``."""
+    if _is_prefix(ids, full_ids):
+        return len(ids)
     raise ValueError(
         f"the chat template of {tokenizer.name_or_path!r} is not prefix-stable: the {what} of turn "
         f"{turn} does not tokenize to a prefix of the whole episode, so the response tokens cannot "

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.buffer import RolloutBuffer
-from llamagym_pl.loading import load_causal_lm, load_tokenizer
-from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits
+from llamagym_pl.kl import KLController, ReferencePolicy
+from llamagym_pl.loading import Quantization, build_policy, load_tokenizer
+from llamagym_pl.policy import drop_frozen, fill_frozen
 from llamagym_pl.rollout import rollout_metrics
 from llamagym_pl.update import ppo_loss, score_rollout
 
@@ -49,6 +51,23 @@ class PPOModule(L.LightningModule):
         target_kl: stop this epoch's remaining updates once approx-KL exceeds it (None: never).
         norm_adv: normalize advantages per minibatch over response tokens.
         score_batch_size: episodes per forward pass when scoring a rollout.
+        quantization: ``none``, ``4bit`` (NF4, QLoRA) or ``8bit`` base weights via bitsandbytes;
+            needs ``lora_r > 0``.
+        quant_compute_dtype: dtype of 4-bit matmuls (None: ``dtype``).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        lora_r: LoRA rank (0: off, every LM weight trains). With LoRA only the adapter and the
+            value head train, and checkpoints hold only those (the base is reloaded).
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: module names to adapt, or ``all-linear`` (every linear layer but
+            the output head, whatever the architecture calls them).
+        kl_coef: weight of the KL penalty to the initial policy, subtracted from each turn's
+            reward (0: off). The reference is the LoRA base with the adapter disabled, or a
+            frozen copy of the initial model without LoRA (see :mod:`llamagym_pl.kl`).
+        target_kl_ref: adapt ``kl_coef`` toward this per-turn KL (None: fixed coefficient).
+        kl_horizon: the adaptive controller's horizon, in turns.
+        max_nonfinite_steps: a minibatch whose loss is NaN/inf is skipped (no update; counted in
+            ``train/nonfinite_steps``, and logged); this many in a row abort training.
     """
 
     def __init__(
@@ -72,6 +91,17 @@ class PPOModule(L.LightningModule):
         target_kl: float | None = None,
         norm_adv: bool = True,
         score_batch_size: int = 64,
+        quantization: Quantization = "none",
+        quant_compute_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: str | list[str] = "all-linear",
+        kl_coef: float = 0.0,
+        target_kl_ref: float | None = None,
+        kl_horizon: int = 10_000,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
         _check_range("gamma", gamma, 0.0, 1.0)
@@ -79,20 +109,44 @@ class PPOModule(L.LightningModule):
         _check_positive(clip_coef=clip_coef, learning_rate=learning_rate, max_grad_norm=max_grad_norm)
         _check_positive(update_epochs=update_epochs, num_minibatches=num_minibatches)
         _check_positive(score_batch_size=score_batch_size)
+        self._nonfinite = NonFiniteLoss(max_nonfinite_steps)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-        lm = load_causal_lm(name_or_path, dtype, trust_remote_code)
-        self.policy = PolicyWithValueHead(lm)
+        self.policy = build_policy(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            quantization=quantization,
+            quant_compute_dtype=quant_compute_dtype,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules,
+        )
+        self.kl_ctl = KLController(kl_coef, target_kl_ref, kl_horizon)
+        # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
+        self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None
         self._stop_epoch = False
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
+        self._nonfinite.skipped = 0
         datamodule = self.trainer.datamodule
         metrics = rollout_metrics(datamodule.last_stats)
         hp = self.hparams
+        kl_coef, buf = self.kl_ctl.value, datamodule.buffer
         metrics.update(
-            score_rollout(self.policy, datamodule.buffer, hp.gamma, hp.gae_lambda, hp.score_batch_size)
+            score_rollout(
+                self.policy, buf, hp.gamma, hp.gae_lambda, hp.score_batch_size, self.reference, kl_coef
+            )
         )
+        if self.reference is not None:
+            metrics["train/kl_coef"] = kl_coef
+            # Every DDP rank must adapt the coefficient identically: use the ranks' mean KL.
+            kl = torch.tensor(metrics["train/kl_ref"], device=self.device)
+            kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
+            self.kl_ctl.update(float(kl), n_steps=int(buf.turn_mask.sum()) * self.trainer.world_size)
         self.log_dict(metrics, on_step=False, on_epoch=True)
         self._log_transcripts(datamodule)
         if "rollout/return_mean" in metrics:
@@ -116,6 +170,8 @@ class PPOModule(L.LightningModule):
         loss, metrics = ppo_loss(
             self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
         )
+        if self._nonfinite.skip(loss, self.current_epoch, batch_idx):
+            return None  # Lightning skips backward and the optimizer step
         approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and approx_kl > hp.target_kl:
             self._stop_epoch = True
@@ -134,6 +190,22 @@ class PPOModule(L.LightningModule):
         ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
         self.log("train/explained_variance", ev, on_step=False, on_epoch=True)
         self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+        self.log("train/nonfinite_steps", float(self._nonfinite.skipped), on_epoch=True)
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+        if self.hparams.lora_r > 0:
+            checkpoint["state_dict"] = drop_frozen(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        check_checkpoint_fits(self, checkpoint, source)
+        if "kl_controller" in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        if self.hparams.lora_r > 0:
+            # The frozen base was rebuilt from name_or_path in __init__: keep its weights.
+            checkpoint["state_dict"] = fill_frozen(self, checkpoint["state_dict"])
 
     # ----------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:

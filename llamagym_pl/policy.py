@@ -67,3 +67,35 @@ def _hidden_size(lm: nn.Module) -> int:
     if text_config is not None and isinstance(getattr(text_config, "hidden_size", None), int):
         return text_config.hidden_size
     raise ValueError(f"cannot find the hidden size in the config of {type(lm).__name__}")
+
+
+def is_peft(lm: nn.Module) -> bool:
+    """Whether ``lm`` is a peft model (it has ``disable_adapter``, ``merge_and_unload``...)."""
+    return hasattr(lm, "peft_config") and hasattr(lm, "disable_adapter")
+
+
+def drop_frozen(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keep only the entries of ``module``'s trainable parameters (LoRA weights, value head).
+
+    For checkpoints of LoRA runs: the frozen base is rebuilt bit for bit from ``name_or_path``,
+    so saving it again would only multiply the checkpoint size (~1000x for a 1B model).
+    """
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k in trainable}
+
+
+def fill_frozen(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`drop_frozen`: add ``module``'s own entries for what ``state_dict`` lacks.
+
+    Raises if a trainable parameter is missing, so a strict ``load_state_dict`` still catches a
+    checkpoint of another configuration (e.g. another ``lora_r`` or target modules).
+    """
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in state_dict]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+    # Parameters and persistent buffers only: a 4-bit layer's state_dict also holds
+    # quantization-state entries that load_state_dict would reject as unexpected.
+    names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+    own = {k: v for k, v in module.state_dict().items() if k in names and k not in state_dict}
+    return own | state_dict

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.buffer import RolloutBuffer
+from llamagym_pl.kl import ReferencePolicy, turn_kl
 from llamagym_pl.policy import PolicyWithValueHead
 
 
@@ -22,17 +23,25 @@ def score_rollout(
     gamma: float,
     gae_lambda: float,
     batch_size: int,
+    reference: ReferencePolicy | None = None,
+    kl_coef: float = 0.0,
 ) -> dict[str, float]:
     """Fill ``buf`` with old log-probs and turn values (one forward per episode) and GAE.
 
     The value of turn ``t`` is read at ``value_positions[:, t]`` (end of its prompt); the
     bootstrap value of a truncated or cut episode at ``bootstrap_position``.
+
+    With a ``reference`` policy, each turn's reward enters GAE as
+    ``r_t - kl_coef * sum over the turn's tokens of (logp - ref_logp)`` (see
+    :mod:`llamagym_pl.kl`; ``buf.rewards`` keeps the env rewards), and ``train/kl_ref`` (mean
+    per-turn KL) is returned.
     """
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
     logprobs = torch.zeros(buf.input_ids.shape)
     values = torch.zeros(buf.input_ids.shape)
+    ref_logprobs = torch.zeros(buf.input_ids.shape) if reference is not None else None
     try:
         for start in range(0, len(buf), batch_size):
             rows = slice(start, start + batch_size)
@@ -42,17 +51,27 @@ def score_rollout(
             # logprobs[:, i] = log p(token i | tokens < i); position 0 has no prediction.
             logprobs[rows, 1:length] = ppo.token_logprobs(logits[:, :-1], ids[:, 1:]).float().cpu()
             values[rows, :length] = v.float().cpu()
+            if ref_logprobs is not None:
+                ref = reference.token_logprobs(ids, buf.attention_mask[rows, :length].to(device))
+                ref_logprobs[rows, 1:length] = ref.cpu()
     finally:
         policy.train(was_training)
     buf.old_logprobs = logprobs
     buf.old_values = values.gather(1, buf.value_positions) * buf.turn_mask  # (E, T)
     next_value = values.gather(1, buf.bootstrap_position[:, None]).squeeze(1)  # (E,)
+    rewards, metrics = buf.rewards, {}
+    if ref_logprobs is not None:
+        num_turns = buf.turn_mask.shape[1]
+        kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (E, T)
+        rewards = rewards - kl_coef * kl
+        metrics["train/kl_ref"] = float(ppo.masked_mean(kl, buf.turn_mask))
     buf.advantages, buf.returns = ppo.compute_gae(
-        buf.rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
+        rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
     )
     return {
         "rollout/value_mean": float(ppo.masked_mean(buf.old_values, buf.turn_mask)),
         "rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)),
+        **metrics,
     }
 
 
