@@ -22,7 +22,7 @@ from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.loading import Quantization, build_policy, load_tokenizer
 from llamagym_pl.policy import drop_frozen, fill_frozen
-from llamagym_pl.rollout import rollout_metrics
+from llamagym_pl.rollout import metrics_from_totals, rollout_totals
 from llamagym_pl.update import ppo_loss, score_rollout
 
 
@@ -133,7 +133,7 @@ class PPOModule(L.LightningModule):
         self._stop_epoch = False
         self._nonfinite.skipped = 0
         datamodule = self.trainer.datamodule
-        metrics = rollout_metrics(datamodule.last_stats)
+        metrics = self._rollout_metrics(datamodule.last_stats)
         hp = self.hparams
         kl_coef, buf = self.kl_ctl.value, datamodule.buffer
         metrics.update(
@@ -147,11 +147,29 @@ class PPOModule(L.LightningModule):
             kl = torch.tensor(metrics["train/kl_ref"], device=self.device)
             kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
             self.kl_ctl.update(float(kl), n_steps=int(buf.turn_mask.sum()) * self.trainer.world_size)
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        # Rollout metrics are already global; the scoring means differ per rank: average them.
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
         self._log_transcripts(datamodule)
         if "rollout/return_mean" in metrics:
             # Shown live in the progress bar; the full name is in TensorBoard.
             self.log("return", metrics["rollout/return_mean"], prog_bar=True, logger=False, on_epoch=True)
+
+    def _rollout_metrics(self, stats) -> dict[str, float]:
+        """Rollout metrics over the episodes of every DDP rank (sums reduced, then averaged)."""
+        totals = rollout_totals(stats)
+        world = self.trainer.world_size
+        if world > 1:
+            packed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
+            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+            totals = dict(zip(totals, packed.tolist(), strict=True))
+        return metrics_from_totals(totals, world)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any DDP rank: skip decisions must agree, or DDP hangs."""
+        if self.trainer.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(self.trainer.strategy.reduce(value, reduce_op="sum") > 0)
 
     def _log_transcripts(self, datamodule) -> None:
         every, count = datamodule.hparams.transcript_every, datamodule.hparams.num_transcripts
@@ -170,25 +188,31 @@ class PPOModule(L.LightningModule):
         loss, metrics = ppo_loss(
             self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
         )
-        if self._nonfinite.skip(loss, self.current_epoch, batch_idx):
+        # Under DDP a NaN on one rank must skip the step on all of them (else DDP hangs).
+        seen = loss if not self._any_rank(not bool(torch.isfinite(loss))) else loss.new_tensor(float("nan"))
+        if self._nonfinite.skip(seen if torch.isfinite(loss) else loss, self.current_epoch, batch_idx):
             return None  # Lightning skips backward and the optimizer step
         approx_kl = metrics["train/approx_kl"]
-        if hp.target_kl is not None and approx_kl > hp.target_kl:
+        if hp.target_kl is not None and self._any_rank(bool(approx_kl > hp.target_kl)):
             self._stop_epoch = True
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=int(batch["input_ids"].shape[0]))
+        size = int(batch["input_ids"].shape[0])
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         results = self.trainer.datamodule.evaluate(self.policy, self.tokenizer)
         metrics = {f"eval/{k}": float(v) for k, v in results.items()}
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1)
-        self.log("eval", metrics["eval/return_mean"], prog_bar=True, logger=False, batch_size=1)
+        # Each rank evaluates its own share of seeded deals; the logged numbers are rank means.
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        self.log(
+            "eval", metrics["eval/return_mean"], prog_bar=True, logger=False, batch_size=1, sync_dist=True
+        )
 
     def on_train_epoch_end(self) -> None:
         buf: RolloutBuffer = self.trainer.datamodule.buffer
         ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
-        self.log("train/explained_variance", ev, on_step=False, on_epoch=True)
+        self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
         self.log("train/nonfinite_steps", float(self._nonfinite.skipped), on_epoch=True)
 
