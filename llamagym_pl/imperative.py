@@ -228,7 +228,8 @@ class ImperativeTrainer:
         ep.observations.append(text)
         ep.responses.append(reply)
         ep.invalid.append(invalid)
-        ep.rewards.append(self.config.invalid_penalty if invalid else 0.0)
+        ep.rewards.append(0.0)
+        ep.penalties.append(self.config.invalid_penalty if invalid else 0.0)
         return action
 
     def assign_reward(self, reward: float) -> None:

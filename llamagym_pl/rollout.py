@@ -7,6 +7,7 @@ carried in env state, so a resumed run replays exactly what an uninterrupted run
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import torch
 
 from llamagym_pl.agent import Agent
 from llamagym_pl.chat import build_messages, encode_prompts
+from llamagym_pl.guards import EnvFaults, check_context
 
 InvalidActionPolicy = Literal["random", "fixed"]
 
@@ -37,11 +39,15 @@ class Episode:
     system_prompt: str
     observations: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # env reward of each turn
     invalid: list[bool] = field(default_factory=list)
     env_return: float = 0.0  # sum of raw env rewards (penalties excluded)
     terminated: bool = False
     truncated: bool = False
+    # Per-turn format penalty (invalid replies). It is added to that turn's advantage only, never
+    # discounted back into earlier turns: a malformed reply must not make the move that led to
+    # its state look bad (hitting in Blackjack would, while the model still babbles).
+    penalties: list[float] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -62,6 +68,7 @@ class RolloutStats:
     generation_seconds: float
     env_seconds: float
     seconds: float
+    env_errors: int = 0  # env faults: their episodes were dropped
 
 
 class RolloutCollector:
@@ -77,9 +84,14 @@ class RolloutCollector:
         invalid_action: what an unparsable or out-of-space reply does: ``random`` samples a
             seeded random action, ``fixed`` plays ``fallback_action``.
         fallback_action: the action for ``invalid_action="fixed"``.
-        invalid_penalty: added to the turn's reward when the reply was invalid (the logged
+        invalid_penalty: added to the turn's advantage when the reply was invalid (the logged
             env return excludes it).
         max_episode_steps: optional time limit (Gymnasium ``TimeLimit`` truncation).
+        max_env_errors: env faults tolerated per :meth:`collect` call. A fault (``step`` or
+            ``reset`` raising, or a non-finite reward) drops the episode it happened in (its
+            turns are not trained on), resets that env with its next derived seed and is
+            counted (``rollout/env_errors``, and logged); one more fault than this aborts the
+            rollout with :class:`~llamagym_pl.guards.RunAborted`.
     """
 
     def __init__(
@@ -96,8 +108,11 @@ class RolloutCollector:
         fallback_action: Any = None,
         invalid_penalty: float = 0.0,
         max_episode_steps: int | None = None,
+        max_env_errors: int = 10,
     ) -> None:
         self.agent = agent
+        self.env_id = env_id
+        self.max_env_errors = max_env_errors
         self.num_envs = num_envs
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -148,10 +163,17 @@ class RolloutCollector:
         finished: list[Episode] = []
         gen_s = env_s = 0.0
         env_steps = gen_tokens = prompt_tokens = 0
+        faults = EnvFaults(self.env_id, self.max_env_errors)
 
         def start_episode(i: int) -> None:
-            obs, _ = self.envs[i].reset(seed=derive_seed(seed, epoch, rank, i, 3, episode_count[i]))
-            episode_count[i] += 1
+            while True:  # a failed reset is a fault: retried with the next seed
+                env_seed = derive_seed(seed, epoch, rank, i, 3, episode_count[i])
+                episode_count[i] += 1
+                try:
+                    obs, _ = self.envs[i].reset(seed=env_seed)
+                    break
+                except Exception as err:  # noqa: BLE001 - any env failure is a counted fault
+                    faults.record(f"reset(seed={env_seed}) of env {i}", err)
             current[i] = Episode(system_prompt=system, observations=[self._format(obs)])
 
         def has_budget(i: int) -> bool:
@@ -181,13 +203,21 @@ class RolloutCollector:
                 for i, reply in zip(active, replies, strict=True):
                     ep = current[i]
                     action, invalid = self._parse(reply, rngs[i])
-                    obs, reward, terminated, truncated, _ = self.envs[i].step(action)
-                    env_steps += 1
                     steps_left[i] -= 1
+                    try:
+                        obs, reward, terminated, truncated = self._step(i, action)
+                    except Exception as err:  # noqa: BLE001 - any env failure is a counted fault
+                        faults.record(f"step({action!r}) of env {i}, turn {ep.num_turns}", err)
+                        current[i] = None  # the episode is dropped
+                        if has_budget(i):
+                            start_episode(i)
+                        continue
+                    env_steps += 1
                     ep.responses.append(reply)
                     ep.invalid.append(invalid)
                     ep.env_return += float(reward)
-                    ep.rewards.append(float(reward) + (self.invalid_penalty if invalid else 0.0))
+                    ep.rewards.append(float(reward))
+                    ep.penalties.append(self.invalid_penalty if invalid else 0.0)
                     if terminated or truncated:
                         ep.terminated, ep.truncated = bool(terminated), bool(truncated) and not terminated
                         if truncated and not terminated:
@@ -213,7 +243,14 @@ class RolloutCollector:
             generation_seconds=gen_s,
             env_seconds=env_s,
             seconds=time.perf_counter() - start,
+            env_errors=faults.count,
         )
+
+    def _step(self, i: int, action: Any) -> tuple[Any, float, bool, bool]:
+        obs, reward, terminated, truncated, _ = self.envs[i].step(action)
+        if not math.isfinite(float(reward)):
+            raise ValueError(f"the reward {reward!r} is not finite")
+        return obs, float(reward), terminated, truncated
 
     def _format(self, observation: Any) -> str:
         text = self.agent.format_observation(observation)
@@ -238,6 +275,7 @@ class RolloutCollector:
 
     def _generate(self, policy, tokenizer, conversations, greedy: bool) -> tuple[list[str], int, int]:
         input_ids, attention_mask = encode_prompts(tokenizer, conversations)  # (B, P) each
+        check_context(policy, input_ids.shape[1], self.max_new_tokens)
         n_prompt = int(attention_mask.sum())  # counted on the host: no device sync for it
         device = next(policy.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -306,6 +344,7 @@ def rollout_totals(stats: RolloutStats) -> dict[str, float]:
         "seconds": stats.seconds,
         "generation_seconds": stats.generation_seconds,
         "env_seconds": stats.env_seconds,
+        "env_errors": float(stats.env_errors),
     }
 
 
@@ -325,6 +364,7 @@ def metrics_from_totals(totals: dict[str, float], world_size: int = 1) -> dict[s
         "rollout/generated_tokens_per_s": totals["generated_tokens"] / gen_seconds,
         "rollout/generation_s": totals["generation_seconds"] / world_size,
         "rollout/env_s": totals["env_seconds"] / world_size,
+        "rollout/env_errors": totals["env_errors"],
     }
     if totals["episodes"] > 0:
         metrics["rollout/return_mean"] = totals["return_sum"] / totals["episodes"]

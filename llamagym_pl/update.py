@@ -65,9 +65,12 @@ def score_rollout(
         kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (E, T)
         rewards = rewards - kl_coef * kl
         metrics["train/kl_ref"] = float(ppo.masked_mean(kl, buf.turn_mask))
-    buf.advantages, buf.returns = ppo.compute_gae(
+    advantages, buf.returns = ppo.compute_gae(
         rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
     )
+    # Format penalties act on their own turn only (see Episode.penalties); returns, the value
+    # targets, stay pure env returns.
+    buf.advantages = advantages + buf.penalties * buf.turn_mask
     return {
         "rollout/value_mean": float(ppo.masked_mean(buf.old_values, buf.turn_mask)),
         "rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)),

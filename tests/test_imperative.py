@@ -146,7 +146,8 @@ def test_invalid_reply_plays_counted_fallback(tiny_model_dir: Path) -> None:
     agent.assign_reward(0.5)  # the same turn: rewards add
     ep = agent._imperative.episode
     assert (len(ep.observations), len(ep.responses), len(ep.rewards), len(ep.invalid)) == (1, 1, 1, 1)
-    assert ep.rewards == [1.0] and ep.env_return == 1.5 and ep.invalid == [True]
+    assert ep.rewards == [1.5] and ep.penalties == [-0.5]
+    assert ep.env_return == 1.5 and ep.invalid == [True]
     assert agent.terminate_episode() == {}
     stats = play(agent, env, seed=1)  # the fallback "stick" ends every episode after one turn
     assert stats["rollout/env_steps"] == 2 and stats["rollout/invalid_actions"] == 2

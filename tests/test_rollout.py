@@ -61,6 +61,7 @@ class ScriptedAgent(BlackjackAgent):
 
 def check_in_step(ep: Episode) -> None:
     assert len(ep.rewards) == len(ep.invalid) == len(ep.responses) == ep.num_turns >= 1
+    assert len(ep.penalties) == ep.num_turns
     assert len(ep.observations) == ep.num_turns + (0 if ep.terminated else 1)
     assert not (ep.terminated and ep.truncated)
     assert all(isinstance(o, str) for o in ep.observations)
@@ -123,7 +124,8 @@ def test_invalid_replies_play_the_fixed_fallback(
     assert len(turns) == 9
     assert [ep.invalid[t] for ep, t in turns] == expected_invalid
     for (ep, t), (_, raw, _, _) in zip(turns, env.steps, strict=True):
-        assert ep.rewards[t] == raw + (penalty if ep.invalid[t] else 0.0)
+        assert ep.rewards[t] == raw
+        assert ep.penalties[t] == (penalty if ep.invalid[t] else 0.0)
     step = 0
     for ep in stats.episodes:
         check_in_step(ep)
@@ -148,7 +150,8 @@ def test_invalid_replies_with_random_fallback_stay_in_the_space(
     for ep in stats.episodes:
         check_in_step(ep)
         assert all(ep.invalid)
-        assert sum(ep.rewards) == pytest.approx(ep.env_return - 0.5 * ep.num_turns)
+        assert sum(ep.rewards) == pytest.approx(ep.env_return)
+        assert ep.penalties == [-0.5] * ep.num_turns
 
 
 @pytest.mark.parametrize("fallback", [7, None, -1])

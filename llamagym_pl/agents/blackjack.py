@@ -8,7 +8,7 @@ from typing import Any
 from llamagym_pl.agent import Agent
 
 STICK, HIT = 0, 1
-_WORDS = {"stick": STICK, "stand": STICK, "hit": HIT}
+_WORDS = {"stick": STICK, "hit": HIT}
 
 
 class BlackjackAgent(Agent):
