@@ -43,6 +43,10 @@ class RolloutDataModule(L.LightningDataModule):
         eval_episodes: greedy episodes per evaluation (Lightning validation, every
             ``trainer.check_val_every_n_epoch`` epochs); always the same seeded deals.
         eval_num_envs: envs played side by side during evaluation.
+        max_env_errors: env faults (``step``/``reset`` raising, non-finite reward) tolerated per
+            rollout: each drops its episode, resets that env and is counted in
+            ``rollout/env_errors``; one more aborts training (see
+            :class:`~llamagym_pl.rollout.RolloutCollector`).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class RolloutDataModule(L.LightningDataModule):
         transcript_every: int = 10,
         eval_episodes: int = 2000,
         eval_num_envs: int = 100,
+        max_env_errors: int = 10,
     ) -> None:
         super().__init__()
         if not isinstance(agent, Agent):
@@ -78,6 +83,8 @@ class RolloutDataModule(L.LightningDataModule):
         }.items():
             if value < 1:
                 raise ValueError(f"data.{name}={value} must be >= 1")
+        if max_env_errors < 0:
+            raise ValueError(f"data.max_env_errors={max_env_errors} must be >= 0 (0: abort on the first)")
         if temperature <= 0:
             raise ValueError(f"data.temperature={temperature} must be > 0 (use greedy evaluation instead)")
         self.save_hyperparameters(ignore=["agent"])
@@ -103,6 +110,7 @@ class RolloutDataModule(L.LightningDataModule):
             fallback_action=hp.fallback_action,
             invalid_penalty=hp.invalid_penalty,
             max_episode_steps=hp.max_episode_steps,
+            max_env_errors=hp.max_env_errors,
         )
 
     def setup(self, stage: str) -> None:
@@ -125,9 +133,11 @@ class RolloutDataModule(L.LightningDataModule):
         """Greedy evaluation on the fixed evaluation deals (see :func:`evaluation.evaluate`)."""
         if self.eval_collector is None:
             self.eval_collector = self.make_collector(self.hparams.eval_num_envs)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         episodes = num_episodes if num_episodes is not None else self.hparams.eval_episodes
-        return evaluate(policy, tokenizer, self.eval_collector, episodes, self.hparams.seed, rank)
+        # Under DDP each rank plays its share of the episodes, on its own seeded deals.
+        share = -(-episodes // world)
+        return evaluate(policy, tokenizer, self.eval_collector, share, self.hparams.seed, rank)
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module

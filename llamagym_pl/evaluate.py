@@ -14,19 +14,32 @@ from pathlib import Path
 
 import torch
 
-from llamagym_pl.fit import build_cli
+from llamagym_pl.fit import SETUP_ERRORS, build_cli
+from llamagym_pl.guards import check_checkpoint_fits, one_line_errors
 
 
 def load_weights(module, ckpt_path: str) -> None:
-    """Load a Lightning checkpoint's weights (``weights_only``: no pickled code runs)."""
+    """Load a Lightning checkpoint's weights (``weights_only``: no pickled code runs).
+
+    Refuses a checkpoint of another model or LoRA setup by name (see
+    :func:`~llamagym_pl.guards.check_checkpoint_fits`); a LoRA checkpoint gets its frozen base
+    weights from the model built from the config, as when resuming.
+    """
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; pass the path of a .ckpt file")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state, strict=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    check_checkpoint_fits(module, checkpoint, ckpt_path)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with one_line_errors("llamagym_pl.evaluate", SETUP_ERRORS):
+        return _evaluate(argv)
+
+
+def _evaluate(argv: list[str] | None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     episodes, out = 20_000, None
     for flag in ("--episodes", "--out"):

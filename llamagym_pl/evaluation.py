@@ -19,7 +19,8 @@ def evaluate(
     """Play ``num_episodes`` (rounded up to a multiple of ``collector.num_envs``) greedily.
 
     Returns ``return_mean``, ``return_stderr``, ``win_rate``/``draw_rate``/``loss_rate``
-    (return > 0, = 0, < 0), ``invalid_action_rate``, ``episode_length`` and ``episodes``.
+    (return > 0, = 0, < 0), ``invalid_action_rate``, ``episode_length``, ``episodes`` and
+    ``env_errors`` (env faults; their episodes were replaced).
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes={num_episodes} must be >= 1")
@@ -47,4 +48,5 @@ def evaluate(
         "invalid_action_rate": invalid / max(turns, 1),
         "episode_length": turns / n,
         "env_steps_per_s": stats.env_steps / max(stats.seconds, 1e-9),
+        "env_errors": stats.env_errors,  # dropped episodes (replaced: ``episodes`` stays whole)
     }

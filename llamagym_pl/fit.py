@@ -4,6 +4,10 @@ A LightningCLI over :class:`PPOModule` and :class:`RolloutDataModule`: every con
 argument is a YAML key / command-line flag (``--model.learning_rate 1e-4``), ``--print_config``
 prints the full resolved config, and ``--ckpt_path last`` resumes from the newest
 ``last.ckpt`` in ``checkpoint.dirpath``.
+
+Config errors (and training aborted on purpose, see :mod:`llamagym_pl.guards`) print as one
+line; checkpoints are written atomically and resumed with ``weights_only``; Ctrl-C saves
+``interrupted.ckpt`` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -12,6 +16,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from llamagym_pl.datamodule import RolloutDataModule
+from llamagym_pl.guards import (
+    ConciseParser,
+    InterruptCheckpoint,
+    LlamaGymError,
+    check_ckpt_path,
+    check_config,
+    one_line_errors,
+)
 from llamagym_pl.module import PPOModule
 
 TRAINER_DEFAULTS = {
@@ -24,6 +36,8 @@ TRAINER_DEFAULTS = {
     # Each rank plays its own envs; Lightning must not split a rank's rollout again.
     "use_distributed_sampler": False,
     "log_every_n_steps": 1,
+    # Lightning's own save is atomic only when the system temp dir shares the checkpoint's disk.
+    "plugins": {"class_path": "llamagym_pl.guards.AtomicCheckpointIO"},
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default"},
@@ -45,6 +59,9 @@ class LlamaGymCLI(LightningCLI):
                 "checkpoint.dirpath": "runs/default/checkpoints",
                 "checkpoint.save_last": True,
                 "checkpoint.every_n_epochs": 1,
+                # Else Lightning saves only after validation (every check_val_every_n_epoch
+                # epochs): a crash would lose up to that many epochs.
+                "checkpoint.save_on_train_epoch_end": True,
             }
         )
 
@@ -56,17 +73,33 @@ def build_cli(args=None, run_fit: bool = True) -> LlamaGymCLI:
         RolloutDataModule,
         run=False,
         args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
+        parser_class=ConciseParser,
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [InterruptCheckpoint()]},
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
     )
+    check_config(cli.model, cli.datamodule)
     if run_fit:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+        fit(cli)
     return cli
 
 
-def main() -> None:
-    build_cli()
+def fit(cli: LlamaGymCLI) -> None:
+    """``trainer.fit`` with the CLI's model, data and ``--ckpt_path``."""
+    ckpt_path = check_ckpt_path(cli.config.get("ckpt_path"))
+    # weights_only: resuming runs no pickled code (the checkpoint holds plain values only).
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+
+SETUP_ERRORS = (ValueError, TypeError, OSError, LlamaGymError)
+"""Errors while building from the config are config errors: printed as one line."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    with one_line_errors("llamagym_pl.fit", SETUP_ERRORS):
+        cli = build_cli(argv, run_fit=False)
+    with one_line_errors("llamagym_pl.fit", (LlamaGymError,)):
+        fit(cli)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,301 @@
+"""Failure handling: errors that name the bad value and its fix, counted recoveries, safe saves.
+
+What goes wrong, and what happens (the README's "Failure modes" section says the same):
+
+- a config that cannot work (unknown key, wrong type, out-of-range value, missing model or
+  checkpoint, env that cannot be made, tokenizer without a chat template, too many
+  minibatches): :class:`ConfigError` (or the parser's own error) before training starts,
+  printed by the CLI as one line;
+- a fault during training (env faults past ``data.max_env_errors`` in one rollout, non-finite
+  losses ``model.max_nonfinite_steps`` times in a row): :class:`RunAborted`, also one line;
+  fewer faults are recovered from, counted and logged (:class:`EnvFaults`,
+  :class:`NonFiniteLoss`);
+- a crash: checkpoints are written atomically (:class:`AtomicCheckpointIO`), so ``last.ckpt``
+  is always a whole epoch; Ctrl-C also saves ``interrupted.ckpt`` (:class:`InterruptCheckpoint`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.cli import LightningArgumentParser
+
+log = logging.getLogger(__name__)
+
+DEBUG_ENV = "LLAMAGYM_PL_DEBUG"
+"""Set to 1 to get the full traceback of errors the CLI otherwise prints as one line."""
+
+
+class LlamaGymError(Exception):
+    """An error whose message says what to fix; the CLI prints it without a traceback."""
+
+
+class ConfigError(LlamaGymError, ValueError):
+    """A setting, model or checkpoint that cannot work with the rest of the config."""
+
+
+class RunAborted(LlamaGymError, RuntimeError):
+    """Training stopped on purpose: faults went past their configured limit."""
+
+
+@contextmanager
+def one_line_errors(prog: str, types: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Turn ``types`` of errors into ``prog: error: <message>`` on stderr and exit status 1."""
+    try:
+        yield
+    except types as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{prog}: error: {err}\n(set {DEBUG_ENV}=1 for the traceback)") from None
+
+
+# ----------------------------------------------------------------------------- config
+class ConciseParser(LightningArgumentParser):
+    """LightningCLI's parser, with parse errors that fit on a screen.
+
+    The stock error prints the whole ~100-line usage above the one line that matters; here the
+    usage is one line, and an unknown key gets a "did you mean" from the known keys.
+    """
+
+    def print_usage(self, file: Any = None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog} [--config FILE] [--SECTION.KEY VALUE ...]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        return super().error(message + _did_you_mean(message, [a.dest for a in self._actions]), ex)
+
+
+_UNKNOWN_KEY = (
+    re.compile(r"Group '([\w.]+)' does not accept option '(\w+)'"),
+    re.compile(r"unrecognized arguments: --([\w.]+)"),
+)
+
+
+def _did_you_mean(message: str, keys: list[str]) -> str:
+    for pattern in _UNKNOWN_KEY:
+        match = pattern.search(message)
+        if match:
+            close = difflib.get_close_matches(".".join(match.groups()), keys, n=1, cutoff=0.7)
+            return f" (did you mean '{close[0]}'?)" if close else ""
+    return ""
+
+
+def check_config(model: Any, datamodule: Any) -> None:
+    """Checks across model and data that would otherwise fail only once training runs."""
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"the tokenizer of model.name_or_path={model.hparams.name_or_path!r} has no chat template; "
+            "use an instruct/chat model, or add a Jinja `chat_template` to its tokenizer_config.json"
+        )
+    data = datamodule.hparams
+    most = data.num_envs * data.steps_per_env  # every turn its own episode
+    if model.hparams.num_minibatches > most:
+        raise ConfigError(
+            f"model.num_minibatches={model.hparams.num_minibatches} is more than a rollout can have "
+            f"episodes (data.num_envs x data.steps_per_env = {most}); lower it to at most data.num_envs"
+        )
+    datamodule.make_collector(1).close()  # the env id and kwargs, and the fallback action
+
+
+def check_ckpt_path(ckpt_path: str | None) -> str | None:
+    """``ckpt_path`` if it names a checkpoint file (or ``last``/``best``/``hpc``/a URL)."""
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or "://" in ckpt_path:
+        return ckpt_path
+    if not Path(ckpt_path).is_file():
+        what = "is a directory" if Path(ckpt_path).is_dir() else "does not exist"
+        raise ConfigError(
+            f"ckpt_path {ckpt_path!r} {what}; pass a .ckpt file written by llamagym_pl.fit, or `last` "
+            "for the newest last.ckpt in checkpoint.dirpath"
+        )
+    return ckpt_path
+
+
+SHAPE_HPARAMS = ("name_or_path", "lora_r", "lora_target_modules", "quantization")
+"""Hyperparameters that decide which weights a checkpoint holds, and their shapes."""
+
+
+def check_checkpoint_fits(module: Any, checkpoint: dict[str, Any], source: Any) -> None:
+    """Raise :class:`ConfigError` unless ``checkpoint["state_dict"]`` fits ``module``.
+
+    Names the checkpoint, what does not fit and the hyperparameters that differ, instead of
+    ``load_state_dict``'s list of size mismatches. Frozen weights a LoRA checkpoint leaves out
+    are not required (see :func:`llamagym_pl.policy.drop_frozen`).
+    """
+    saved, own = checkpoint["state_dict"], module.state_dict()
+    problems = [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+        for k, v in saved.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems += [f"{k}: not in this model" for k in saved if k not in own]
+    problems += [
+        f"{n}: missing from the checkpoint"
+        for n, p in module.named_parameters()
+        if p.requires_grad and n not in saved
+    ]
+    if not problems:
+        return
+    theirs, ours = checkpoint.get("hyper_parameters", {}), dict(module.hparams)
+    differ = [
+        f"{k}={theirs[k]!r} (this run: {ours[k]!r})"
+        for k in SHAPE_HPARAMS
+        if k in theirs and theirs[k] != ours.get(k)
+    ]
+    why = (
+        ("it was written with model." + ", model.".join(differ))
+        if differ
+        else "its model hyperparameters match"
+    )
+    raise ConfigError(
+        f"checkpoint {str(source)!r} does not fit this model ({len(problems)} weights differ, e.g. "
+        f"{'; '.join(problems[:3])}); {why}. Use the config the checkpoint was trained with"
+    )
+
+
+# ----------------------------------------------------------------------------- rollout faults
+class EnvFaults:
+    """Counts the env faults of one rollout; raises :class:`RunAborted` past ``limit``.
+
+    A fault is ``env.step``/``env.reset`` raising, or a non-finite reward. The rollout drops
+    the episode it happened in and resets that env with its next derived seed.
+    """
+
+    def __init__(self, env_id: str, limit: int) -> None:
+        self.env_id = env_id
+        self.limit = limit
+        self.count = 0
+
+    def record(self, where: str, err: BaseException) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise RunAborted(
+                f"env {self.env_id!r} failed {self.count} times in one rollout, more than "
+                f"data.max_env_errors={self.limit}; last in {where}: {type(err).__name__}: {err}. "
+                "Fix the env (its traceback is chained above) or raise data.max_env_errors"
+            ) from err
+        log.warning(
+            "env %r failed in %s (%s: %s): episode dropped, env reset with its next seed (%d of at most %d)",
+            self.env_id, where, type(err).__name__, err, self.count, self.limit,
+        )  # fmt: skip
+
+
+def context_length(policy: Any) -> int | None:
+    """The model's context length from its config (None when it does not say)."""
+    config = getattr(getattr(policy, "lm", policy), "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_context(policy: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with its reply, would not fit the model's context."""
+    limit = context_length(policy)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ConfigError(
+            f"a prompt of {prompt_tokens} tokens plus data.max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {limit} tokens; shorten the system prompt or observations, cap "
+            "episodes with data.max_episode_steps, lower data.max_new_tokens, or use a longer-context model"
+        )
+
+
+# ----------------------------------------------------------------------------- training faults
+class NonFiniteLoss:
+    """Skip minibatches whose loss is NaN/inf; raise :class:`RunAborted` after ``limit`` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ConfigError(f"model.max_nonfinite_steps={limit} must be >= 1")
+        self.limit = limit
+        self.in_a_row = 0
+        self.skipped = 0  # this epoch (reset by the module)
+
+    def skip(self, loss: torch.Tensor, epoch: int, batch_idx: int) -> bool:
+        if bool(torch.isfinite(loss)):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.skipped += 1
+        where = f"epoch {epoch}, minibatch {batch_idx}"
+        if self.in_a_row >= self.limit:
+            raise RunAborted(
+                f"the loss was non-finite ({loss.item()}) in {self.in_a_row} minibatches in a row "
+                f"(model.max_nonfinite_steps={self.limit}), last at {where}: training diverged. "
+                "Lower model.learning_rate or model.max_grad_norm, check the rewards, or resume "
+                "from an earlier checkpoint"
+            )
+        log.warning(
+            "non-finite loss (%s) at %s: update skipped (%d in a row)", loss.item(), where, self.in_a_row
+        )
+        return True
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, fsyncs, then ``os.replace``\\ s it in.
+
+    A crash at any moment leaves either the old file or the new one, whole. Lightning 2.6's
+    own save is atomic only by luck: its fsspec transaction stages the file in the system temp
+    dir and commits with ``shutil.move``, which is a rename only when that dir shares a
+    filesystem with the checkpoint (else a copy a crash can cut short), never fsyncs, and leaks
+    the staged file if the process dies before the move. Remote paths keep Lightning's way.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")  # one writer per path: rank 0
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class InterruptCheckpoint(L.Callback):
+    """On Ctrl-C, save ``interrupted.ckpt`` beside ``last.ckpt`` before Lightning exits (status 1).
+
+    It holds the state mid-epoch (part of a rollout trained on), for inspection or evaluation;
+    ``--ckpt_path last`` still resumes from ``last.ckpt``, the last completed epoch, so the
+    resumed run matches an uninterrupted one. Not Lightning's ``OnExceptionCheckpoint``: its file
+    is a candidate of ``ckpt_path="last"`` (and ``fit`` then resumes from it even without
+    ``ckpt_path``), which would resume mid-epoch.
+    """
+
+    FILENAME = "interrupted.ckpt"
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if not isinstance(exception, KeyboardInterrupt) or dirpath is None:
+            return
+        path = os.path.join(dirpath, self.FILENAME)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state, optimizer included
+        log.warning(
+            "interrupted: saved %s (mid-epoch); `--ckpt_path last` resumes the last whole epoch", path
+        )
