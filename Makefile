@@ -23,6 +23,9 @@ fit:  ## train the default experiment
 resume:  ## continue the default experiment from its last checkpoint
 	$(PY) -m llamagym_pl.fit --config $(CONFIG) --ckpt_path last
 
+bench:  ## rollout/update throughput vs the bare model (~5 min on 2 CPU cores; QUICK=1: a smoke run)
+	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 tensorboard:
 	.venv/bin/tensorboard --logdir runs
 

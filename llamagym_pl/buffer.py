@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from llamagym_pl.chat import encode_episode
+from llamagym_pl.chat import encode_episodes
 from llamagym_pl.rollout import Episode
 
 
@@ -32,6 +32,7 @@ class RolloutBuffer:
     value_positions: Tensor
     turn_mask: Tensor
     rewards: Tensor
+    penalties: Tensor
     terminated: Tensor
     bootstrap_position: Tensor
     lengths: Tensor
@@ -49,37 +50,37 @@ class RolloutBuffer:
 
 
 def build_buffer(tokenizer, episodes: Sequence[Episode]) -> RolloutBuffer:
-    """Encode episodes with the chat template (see :func:`llamagym_pl.chat.encode_episode`)."""
+    """Encode episodes with the chat template (see :func:`llamagym_pl.chat.encode_episodes`)."""
     if not episodes:
         raise ValueError("the rollout produced no episodes; raise steps_per_env or num_envs")
-    encoded = [encode_episode(tokenizer, ep.system_prompt, ep.observations, ep.responses) for ep in episodes]
-    num, max_len = len(encoded), max(len(e.input_ids) for e in encoded)
+    encoded = encode_episodes(
+        tokenizer, [(ep.system_prompt, ep.observations, ep.responses) for ep in episodes]
+    )
+    max_len = max(len(e.input_ids) for e in encoded)
     max_turns = max(ep.num_turns for ep in episodes)
-    pad = tokenizer.pad_token_id
-    buf = RolloutBuffer(
-        input_ids=torch.full((num, max_len), pad, dtype=torch.long),
-        attention_mask=torch.zeros(num, max_len, dtype=torch.long),
-        action_mask=torch.zeros(num, max_len, dtype=torch.bool),
-        turn_index=torch.full((num, max_len), -1, dtype=torch.long),
-        value_positions=torch.zeros(num, max_turns, dtype=torch.long),
-        turn_mask=torch.zeros(num, max_turns, dtype=torch.bool),
-        rewards=torch.zeros(num, max_turns),
+    # Rows are right padded as Python lists and become one tensor each: thousands of small
+    # per-row tensors and slice assignments cost more than the whole list work.
+    return RolloutBuffer(
+        input_ids=_padded([e.input_ids for e in encoded], max_len, tokenizer.pad_token_id, torch.long),
+        attention_mask=_padded([[1] * len(e.input_ids) for e in encoded], max_len, 0, torch.long),
+        action_mask=_padded([e.action_mask for e in encoded], max_len, False, torch.bool),
+        turn_index=_padded([e.turn_index for e in encoded], max_len, -1, torch.long),
+        value_positions=_padded([e.value_positions for e in encoded], max_turns, 0, torch.long),
+        turn_mask=_padded([[True] * ep.num_turns for ep in episodes], max_turns, False, torch.bool),
+        rewards=_padded([ep.rewards for ep in episodes], max_turns, 0.0, torch.float32),
+        penalties=_padded(
+            [ep.penalties or [0.0] * ep.num_turns for ep in episodes], max_turns, 0.0, torch.float32
+        ),
         terminated=torch.tensor([ep.terminated for ep in episodes]),
-        bootstrap_position=torch.zeros(num, dtype=torch.long),
+        # 0 where there is nothing to bootstrap (the episode terminated)
+        bootstrap_position=torch.tensor([e.bootstrap_position or 0 for e in encoded], dtype=torch.long),
         lengths=torch.tensor([len(e.input_ids) for e in encoded]),
     )
-    for row, (enc, ep) in enumerate(zip(encoded, episodes, strict=True)):
-        n, t = len(enc.input_ids), ep.num_turns
-        buf.input_ids[row, :n] = torch.tensor(enc.input_ids)
-        buf.attention_mask[row, :n] = 1
-        buf.action_mask[row, :n] = torch.tensor(enc.action_mask)
-        buf.turn_index[row, :n] = torch.tensor(enc.turn_index)
-        buf.value_positions[row, :t] = torch.tensor(enc.value_positions)
-        buf.turn_mask[row, :t] = True
-        buf.rewards[row, :t] = torch.tensor(ep.rewards)
-        if enc.bootstrap_position is not None:
-            buf.bootstrap_position[row] = enc.bootstrap_position
-    return buf
+
+
+def _padded(rows: Sequence[Sequence], length: int, fill, dtype: torch.dtype) -> Tensor:
+    """``(len(rows), length)`` tensor of ``rows``, each right padded with ``fill``."""
+    return torch.tensor([[*row, *[fill] * (length - len(row))] for row in rows], dtype=dtype)
 
 
 class MinibatchSampler(Sampler[list[int]]):
