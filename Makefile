@@ -25,6 +25,7 @@ resume:  ## continue the default experiment from its last checkpoint
 
 bench:  ## rollout/update throughput vs the bare model (~5 min on 2 CPU cores; QUICK=1: a smoke run)
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+	$(if $(QUICK),,$(PY) bench/ddp_scaling.py)
 
 tensorboard:
 	.venv/bin/tensorboard --logdir runs
