@@ -11,7 +11,7 @@ install:  ## create .venv, install the CPU torch wheel first, then the project w
 	$(PY) -m pip install -e '.[dev]'
 
 test:  ## the CPU test suite (offline)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 lint:
 	$(PY) -m ruff check llamagym_pl tests
