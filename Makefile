@@ -4,11 +4,11 @@ CONFIG ?= experiments/blackjack.yaml
 
 .PHONY: install test lint fit resume tensorboard bench plot evaluate clean
 
-install:  ## create .venv, install the CPU torch wheel first, then the project with dev extras
+install:  ## create .venv, install the CPU torch wheel first, then the project with dev and textworld extras
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,textworld]'
 
 test:  ## the CPU test suite (offline)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests

@@ -36,6 +36,10 @@ class Agent(ABC):
     """
 
     action_space: Any = None
+    action_names: list[str] | None = None
+    """Optional names of a ``Discrete`` space's actions: index ``i`` is ``action_names[i]``. With
+    ``data.policy: score`` they are the candidate actions the LM scores (see
+    :meth:`candidate_actions`), and a chosen name maps back to its index."""
 
     def __init__(
         self,
@@ -73,6 +77,25 @@ class Agent(ABC):
         names no valid action: the rollout then applies its configured invalid-action policy
         (fallback action, optional penalty) and counts it, so turns and rewards stay in step.
         """
+
+    def candidate_actions(self, observation: Any, info: dict[str, Any]) -> list[str]:
+        """The action texts the policy chooses among at this step (``data.policy: score`` only).
+
+        Default: the env's ``info["admissible_commands"]`` (TextWorld-style envs list the valid
+        commands of each state) when present, else :attr:`action_names`. Override it for
+        anything else; a chosen text is played as ``action_names.index(text)`` when it is one of
+        :attr:`action_names`, else as ``extract_action(text)``.
+        """
+        commands = info.get("admissible_commands") if isinstance(info, dict) else None
+        if commands is not None:
+            return list(commands)
+        if self.action_names is not None:
+            return list(self.action_names)
+        raise ValueError(
+            f"{type(self).__name__} has no candidate actions for data.policy: score: set its "
+            "action_names (one name per Discrete action), override candidate_actions(observation, "
+            "info), or use an env whose info has 'admissible_commands'"
+        )
 
     # ------------------------------------------------------------------ LlamaGym's imperative loop
     def act(self, observation: Any) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -12,6 +12,9 @@ from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, RolloutDataset, build_buffer
 from llamagym_pl.evaluation import evaluate
 from llamagym_pl.rollout import InvalidActionPolicy, RolloutCollector, RolloutStats, derive_seed
+from llamagym_pl.score_buffer import ScoreBuffer, ScoreDataset, build_score_buffer
+from llamagym_pl.scoring import ScoreNormalization
+from llamagym_pl.scoring_rollout import ScoringCollector
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -47,6 +50,12 @@ class RolloutDataModule(L.LightningDataModule):
             rollout: each drops its episode, resets that env and is counted in
             ``rollout/env_errors``; one more aborts training (see
             :class:`~llamagym_pl.rollout.RolloutCollector`).
+        policy: ``generate`` (the LM writes each reply) or ``score`` (the LM scores the agent's
+            candidate actions and samples from the softmax over them; GLAM / TWOSOME, see
+            :mod:`llamagym_pl.scoring`). In ``score`` mode ``temperature`` divides the scores,
+            and ``max_new_tokens``/``top_k``/``top_p`` are unused.
+        score_normalization: how ``score`` mode turns a candidate's log-likelihood into its
+            score: ``token`` (mean per token), ``word`` (sum over its word count) or ``sum``.
     """
 
     def __init__(
@@ -70,6 +79,8 @@ class RolloutDataModule(L.LightningDataModule):
         eval_episodes: int = 2000,
         eval_num_envs: int = 100,
         max_env_errors: int = 10,
+        policy: Literal["generate", "score"] = "generate",
+        score_normalization: ScoreNormalization = "token",
     ) -> None:
         super().__init__()
         if not isinstance(agent, Agent):
@@ -92,12 +103,14 @@ class RolloutDataModule(L.LightningDataModule):
         self.collector: RolloutCollector | None = None
         self.eval_collector: RolloutCollector | None = None
         self.buffer: RolloutBuffer | None = None
+        self.score_buffer: ScoreBuffer | None = None  # policy: score only
         self.last_stats: RolloutStats | None = None
 
     def make_collector(self, num_envs: int) -> RolloutCollector:
         """A collector with this module's env, agent and generation settings."""
         hp = self.hparams
-        return RolloutCollector(
+        scoring = {"normalization": hp.score_normalization} if hp.policy == "score" else {}
+        return (ScoringCollector if scoring else RolloutCollector)(
             env_id=hp.env_id,
             env_kwargs=hp.env_kwargs,
             agent=self.agent,
@@ -111,6 +124,7 @@ class RolloutDataModule(L.LightningDataModule):
             invalid_penalty=hp.invalid_penalty,
             max_episode_steps=hp.max_episode_steps,
             max_env_errors=hp.max_env_errors,
+            **scoring,
         )
 
     def setup(self, stage: str) -> None:
@@ -153,14 +167,19 @@ class RolloutDataModule(L.LightningDataModule):
         )
         self.last_stats = stats
         self.buffer = build_buffer(module.tokenizer, stats.episodes)
+        dataset, lengths = RolloutDataset(self.buffer), self.buffer.lengths
+        if self.hparams.policy == "score":  # minibatches of turns: one scored action each
+            norm = self.hparams.score_normalization
+            self.score_buffer = build_score_buffer(module.tokenizer, stats.episodes, self.buffer, norm)
+            dataset, lengths = ScoreDataset(self.score_buffer), self.score_buffer.turn_lengths
         sampler = MinibatchSampler(
-            self.buffer.lengths,
+            lengths,
             module.hparams.num_minibatches,
             module.hparams.update_epochs,
             seed=derive_seed(self.hparams.seed, epoch, rank, 4),
         )
         # batch_size=None: the sampler yields whole minibatches of episode indices.
-        return DataLoader(RolloutDataset(self.buffer), sampler=sampler, batch_size=None)
+        return DataLoader(dataset, sampler=sampler, batch_size=None)
 
     def sample_transcripts(self, k: int) -> list[str]:
         """A few conversations of the last rollout, rendered for TensorBoard's text tab."""

@@ -23,6 +23,7 @@ from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.loading import Quantization, build_policy, load_tokenizer
 from llamagym_pl.policy import drop_frozen, fill_frozen
 from llamagym_pl.rollout import metrics_from_totals, rollout_totals
+from llamagym_pl.score_update import score_candidates, score_ppo_loss
 from llamagym_pl.update import ppo_loss, score_rollout
 
 
@@ -141,6 +142,9 @@ class PPOModule(L.LightningModule):
                 self.policy, buf, hp.gamma, hp.gae_lambda, hp.score_batch_size, self.reference, kl_coef
             )
         )
+        score_buf = getattr(datamodule, "score_buffer", None)
+        if score_buf is not None:  # data.policy: score: old log-probs of the chosen candidates
+            metrics.update(score_candidates(self.policy, score_buf, hp.score_batch_size))
         if self.reference is not None:
             metrics["train/kl_coef"] = kl_coef
             # Every DDP rank must adapt the coefficient identically: use the ranks' mean KL.
@@ -185,9 +189,16 @@ class PPOModule(L.LightningModule):
         if self._stop_epoch:
             return None  # target_kl reached: Lightning skips backward and the optimizer step
         hp = self.hparams
-        loss, metrics = ppo_loss(
-            self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
-        )
+        score_buf = getattr(self.trainer.datamodule, "score_buffer", None)
+        if score_buf is not None:  # data.policy: score: one action per turn
+            norm = score_buf.normalization
+            loss, metrics = score_ppo_loss(
+                self.policy, batch, norm, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
+            )
+        else:
+            loss, metrics = ppo_loss(
+                self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
+            )
         # Under DDP a NaN on one rank must skip the step on all of them (else DDP hangs).
         seen = loss if not self._any_rank(not bool(torch.isfinite(loss))) else loss.new_tensor(float("nan"))
         if self._nonfinite.skip(seen if torch.isfinite(loss) else loss, self.current_epoch, batch_idx):

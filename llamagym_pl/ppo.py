@@ -104,8 +104,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
     p = logp.exp()
-    # p * logp is 0 * -inf = NaN for banned tokens; their true contribution is 0.
-    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    # p * logp is 0 * -inf = NaN for banned tokens; their true contribution is 0. Masking logp
+    # (not the product) keeps the backward finite too: d(p * logp)/dp = logp would be -inf there.
+    plogp = p * logp.masked_fill(p == 0, 0.0)
     return -plogp.sum(-1)  # (...)
 
 

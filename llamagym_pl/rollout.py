@@ -48,6 +48,10 @@ class Episode:
     # discounted back into earlier turns: a malformed reply must not make the move that led to
     # its state look bad (hitting in Blackjack would, while the model still babbles).
     penalties: list[float] = field(default_factory=list)
+    # Action scoring only (data.policy: score): each turn's candidate actions and the index of the
+    # one played (its text is that turn's response). Empty for generated replies.
+    candidates: list[list[str]] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -195,7 +199,10 @@ class RolloutCollector:
                     for i in active
                 ]
                 t0 = time.perf_counter()
-                replies, n_prompt, n_gen = self._generate(policy, tokenizer, conversations, greedy)
+                episodes = [current[i] for i in active]
+                replies, n_prompt, n_gen = self._reply(
+                    policy, tokenizer, conversations, greedy, active, episodes
+                )
                 gen_s += time.perf_counter() - t0
                 prompt_tokens += n_prompt
                 gen_tokens += n_gen
@@ -272,6 +279,14 @@ class RolloutCollector:
         if self.invalid_action == "fixed":
             return self.fallback_action, True
         return _sample_space(self.action_space, rng), True
+
+    def _reply(
+        self, policy, tokenizer, conversations, greedy: bool, envs: list[int], episodes: list[Episode]
+    ) -> tuple[list[str], int, int]:
+        """The reply step: one reply per active env, ``envs[k]`` playing ``episodes[k]`` and
+        ``conversations[k]``. Returns (replies, prompt tokens, generated tokens). Generation here;
+        :class:`~llamagym_pl.scoring_rollout.ScoringCollector` picks among candidate actions instead."""
+        return self._generate(policy, tokenizer, conversations, greedy)
 
     def _generate(self, policy, tokenizer, conversations, greedy: bool) -> tuple[list[str], int, int]:
         input_ids, attention_mask = encode_prompts(tokenizer, conversations)  # (B, P) each

@@ -11,6 +11,7 @@ Build one by hand with ``python -m llamagym_pl.tiny_model --out DIR``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -196,7 +197,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-_TINY_NAME = re.compile(rf"^{DEFAULT_TINY}(?:-h(\d+)-l(\d+))?$")
+EXTRA_VOCABULARIES = {"textworld": "llamagym_pl.envs.textworld_words"}
+"""Word lists (modules with a ``WORDS`` list) that name a tiny variant: ``tiny-textworld`` (or
+``tiny-h128-l4-textworld``) is the tiny model with those words appended to its vocabulary."""
+
+_TINY_NAME = re.compile(rf"^{DEFAULT_TINY}(?:-h(\d+)-l(\d+))?(?:-({'|'.join(EXTRA_VOCABULARIES)}))?$")
 
 
 def cache_dir() -> Path:
@@ -205,7 +210,8 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map ``"tiny"``/``"tiny-h{hidden}-l{layers}"`` to a cached local build; pass others through.
+    """Map ``"tiny"``/``"tiny-h{hidden}-l{layers}"`` (``-textworld`` appended: with the words of
+    :data:`EXTRA_VOCABULARIES`) to a cached local build; pass others through.
 
     A tiny model is built into ``cache_dir() / name`` the first time it is asked for and reused
     afterwards. Any other string is returned unchanged for ``from_pretrained`` to handle (a hub
@@ -216,8 +222,10 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     path = cache_dir() / name_or_path
     if not (path / BUILD_INFO_FILE).exists():
-        hidden, layers = match.groups()
+        hidden, layers, vocabulary = match.groups()
         sizes = {} if hidden is None else {"hidden_size": int(hidden), "num_layers": int(layers)}
+        if vocabulary:
+            sizes["extra_words"] = importlib.import_module(EXTRA_VOCABULARIES[vocabulary]).WORDS
         build_tiny_model(path, **sizes)
     return str(path)
 

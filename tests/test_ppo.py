@@ -123,6 +123,17 @@ def test_entropy_from_logits() -> None:
     assert_close(entropy_from_logits(t(1000.0, 0.0, 0.0)), torch.tensor(0.0), **TOL)
 
 
+def test_entropy_gradient_is_finite_with_banned_tokens() -> None:
+    # Candidate distributions of turns with fewer candidates are padded with -inf logits.
+    logits = t(1.0, 2.0, 0.0).requires_grad_()
+    padded = torch.cat([logits[:2], t(-float("inf"))])
+    entropy_from_logits(padded).backward()
+    p = torch.softmax(logits[:2].detach(), -1)
+    # dH/dz_i = -p_i (ln p_i + H) over the allowed tokens; 0 for a token that is not there
+    expected = -p * (p.log() + entropy_from_logits(logits[:2].detach()))
+    assert_close(logits.grad, torch.cat([expected, t(0.0)]), **TOL)
+
+
 # ---------------------------------------------------------------- GAE
 # One 3-turn episode used throughout: rewards r = [1, 0, 2], values V = [0.5, 1.0, 1.5].
 R3 = t(1.0, 0.0, 2.0)

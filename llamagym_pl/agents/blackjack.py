@@ -19,6 +19,8 @@ class BlackjackAgent(Agent):
     pretrained chat model reads it just as well.
     """
 
+    action_names = ["stick", "hit"]  # STICK, HIT: the candidates of data.policy: score
+
     def get_system_prompt(self) -> str:
         return "You are an expert blackjack player. Answer with one word: hit or stick."
 

@@ -1,0 +1,224 @@
+"""Action scoring: the policy is a softmax over candidate actions' log-likelihoods (GLAM / TWOSOME).
+
+Instead of generating a reply, the LM scores every candidate action text ``c_k`` as the
+assistant's reply to the prompt (Carta et al. 2023, GLAM; Tan et al. 2024, TWOSOME):
+
+    log p(c_k | prompt) = sum over c_k's tokens of log-softmax(logits)[token]
+    score_k = log p(c_k | prompt) / n          n: 1 (sum), c_k's tokens (token), c_k's words (word)
+    pi(k | prompt) = softmax_k(score_k)
+
+TWOSOME normalizes by length so that long commands are not penalized for their length alone.
+Log-probs come from the log-softmax (:func:`llamagym_pl.ppo.token_logprobs`): lamorel summed raw
+logits, which are no log-likelihood (a constant shift per position changes them, not p).
+
+A candidate's tokens are located as :func:`llamagym_pl.chat.encode_episodes` locates a reply: the
+conversation rendered with the candidate as the assistant's reply, minus the generation prompt,
+end-of-turn token included. The chosen candidate is the turn's reply, so episodes, values and GAE
+are exactly those of generated replies; only the action probability differs (one per turn).
+
+Layout of N turns and their R candidate rows (row ``r`` is candidate ``row_slot[r]`` of turn
+``row_turn[r]``): scores are (R,), candidate distributions (N, C) with ``-inf`` past a turn's
+candidates, C the most candidates of any turn.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from llamagym_pl import ppo
+from llamagym_pl.chat import Message, encode_texts, render_batch
+
+ScoreNormalization = Literal["token", "word", "sum"]
+
+
+@dataclass
+class EncodedCandidates:
+    """A generation prompt's token ids and, per candidate, its reply tokens (end of turn included)."""
+
+    prompt_ids: list[int]
+    candidate_ids: list[list[int]]
+
+
+def encode_candidates(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    candidates: Sequence[Sequence[str]],
+) -> list[EncodedCandidates]:
+    """Tokenize each conversation's generation prompt and locate each candidate reply after it.
+
+    ``conversations[b]`` ends with a user message; ``candidates[b]`` are its candidate replies.
+
+    Raises:
+        ValueError: if a candidate's rendering does not extend its prompt's tokens by a non-empty
+            span (the chat template is not prefix-stable).
+    """
+    if len(conversations) != len(candidates):
+        raise ValueError(f"{len(conversations)} conversations but {len(candidates)} candidate lists")
+    replies = [
+        [*conv, {"role": "assistant", "content": c}]
+        for conv, cs in zip(conversations, candidates, strict=True)
+        for c in cs
+    ]
+    prompts = render_batch(tokenizer, conversations, add_generation_prompt=True)
+    done = render_batch(tokenizer, replies, add_generation_prompt=False)
+    # As in encode_episodes: the reply without the whitespace the template writes after its
+    # end-of-turn token, unless stripping it changes how the reply itself tokenizes.
+    ids = encode_texts(tokenizer, prompts + [d.rstrip() for d in done] + done)
+    n, r = len(prompts), len(done)
+    prompt_ids, stripped, whole = ids[:n], ids[n : n + r], ids[n + r :]
+    out, row = [], 0
+    for b, cands in enumerate(candidates):
+        prompt, spans = prompt_ids[b], []
+        for c in cands:
+            reply = stripped[row] if whole[row][: len(stripped[row])] == stripped[row] else whole[row]
+            row += 1
+            if reply[: len(prompt)] != prompt or len(reply) <= len(prompt):
+                raise ValueError(
+                    f"the chat template of {tokenizer.name_or_path!r} is not prefix-stable: the candidate "
+                    f"{c!r} does not render as a non-empty reply after its generation prompt"
+                )
+            spans.append(reply[len(prompt) :])
+        out.append(EncodedCandidates(prompt, spans))
+    return out
+
+
+def word_count(text: str) -> int:
+    """Words of a candidate (whitespace separated, at least 1): TWOSOME's word normalization."""
+    return max(len(text.split()), 1)
+
+
+def normalize_scores(
+    logprob_sums: Tensor, num_tokens: Tensor, num_words: Tensor, normalization: ScoreNormalization
+) -> Tensor:
+    """A candidate's score from its summed token log-probs. All (R,) -> (R,) float32."""
+    sums = logprob_sums.float()
+    if normalization == "sum":
+        return sums
+    if normalization == "token":
+        return sums / num_tokens.to(sums)
+    if normalization == "word":
+        return sums / num_words.to(sums)
+    raise ValueError(f"score_normalization={normalization!r} is not one of token, word, sum")
+
+
+def candidate_logits(scores: Tensor, row_turn: Tensor, row_slot: Tensor, num_turns: int) -> Tensor:
+    """Scatter (R,) candidate scores into (N, C) logits, ``-inf`` where a turn has no candidate.
+
+    ``log_softmax(., -1)`` of the result is each turn's candidate distribution, and
+    :func:`llamagym_pl.ppo.entropy_from_logits` its entropy.
+    """
+    num_slots = int(row_slot.max()) + 1 if row_slot.numel() else 1
+    logits = scores.new_full((num_turns, num_slots), float("-inf"))  # (N, C)
+    return logits.index_put((row_turn, row_slot), scores)  # out of place: keeps the graph
+
+
+def prompt_logits(
+    sums: Tensor,
+    encoded: Sequence[EncodedCandidates],
+    candidates: Sequence[Sequence[str]],
+    normalization: ScoreNormalization,
+) -> Tensor:
+    """(B, C) candidate logits of B prompts from their candidates' (R,) log-prob sums."""
+    num_tokens = torch.tensor([len(c) for e in encoded for c in e.candidate_ids])
+    num_words = torch.tensor([word_count(c) for cands in candidates for c in cands])
+    scores = normalize_scores(sums, num_tokens, num_words, normalization)
+    return candidate_logits(scores, *row_layout([len(c) for c in candidates]), len(candidates))
+
+
+def row_layout(num_candidates: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``(row_turn, row_slot)`` (R,) for turns with ``num_candidates`` candidates each."""
+    counts = torch.as_tensor(list(num_candidates), dtype=torch.long)
+    row_turn = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (R,)
+    first = torch.cumsum(counts, 0) - counts  # (N,) first row of each turn
+    return row_turn, torch.arange(len(row_turn)) - first[row_turn]
+
+
+@torch.no_grad()
+def candidate_logprob_sums(policy, encoded: Sequence[EncodedCandidates], pad_token_id: int) -> Tensor:
+    """log p(candidate | prompt) of every candidate, the prompts encoded once (KV cache reused).
+
+    Two forward passes whatever the number of candidates: the B left-padded prompts (B, P), whose
+    last logits score every candidate's first token; then the candidates' remaining tokens as
+    (R, K - 1), attending to their prompt's cache rows (repeated per candidate). Returns (R,)
+    float32 on the CPU, rows in the order of ``encoded`` and its candidates.
+    """
+    device = next(policy.parameters()).device
+    prompts = [e.prompt_ids for e in encoded]
+    cands = [c for e in encoded for c in e.candidate_ids]
+    counts = torch.tensor([len(e.candidate_ids) for e in encoded])
+    row_prompt = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)  # (R,)
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_token_id] * (length - len(p)) + p for p in prompts], device=device)  # (B, P)
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, P)
+    cache_kw, keep_kw = _lm_kwargs(policy.lm)
+    cache = DynamicCache()
+    # Positions count real tokens only, as in the right-padded training sequences.
+    out = policy.lm(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        **{cache_kw: cache, **({keep_kw: 1} if keep_kw else {})},
+    )
+    first = torch.tensor([c[0] for c in cands], device=device)  # (R,)
+    sums = ppo.token_logprobs(out.logits[:, -1][row_prompt], first)  # (R,)
+    rest = max(len(c) for c in cands) - 1
+    if rest > 0:
+        pad = [[pad_token_id] * (rest + 1 - len(c)) for c in cands]
+        inputs = torch.tensor([c[:-1] + p for c, p in zip(cands, pad, strict=True)], device=device)
+        labels = torch.tensor([c[1:] + p for c, p in zip(cands, pad, strict=True)], device=device)
+        valid = torch.tensor([[1] * (len(c) - 1) + [0] * len(p) for c, p in zip(cands, pad, strict=True)])
+        valid = valid.to(device)  # (R, K - 1)
+        cache.reorder_cache(row_prompt)  # (B, ...) -> (R, ...): each candidate gets its prompt's rows
+        positions = mask.sum(1)[row_prompt, None] + torch.arange(rest, device=device)  # (R, K - 1)
+        logits = policy.lm(
+            input_ids=inputs,
+            attention_mask=torch.cat([mask[row_prompt], valid], 1),
+            position_ids=positions,
+            use_cache=True,
+            **{cache_kw: cache},
+        ).logits  # (R, K - 1, V)
+        sums = sums + torch.where(valid.bool(), ppo.token_logprobs(logits, labels), 0.0).sum(1)
+    return sums.float().cpu()
+
+
+@functools.cache
+def _forward_parameters(lm_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(lm_type.forward).parameters)
+
+
+def _lm_kwargs(lm) -> tuple[str, str | None]:
+    """The names of the KV-cache and keep-last-logits arguments of this transformers version:
+    ``cache`` and ``logits_to_keep`` now; ``past_key_values`` and ``num_logits_to_keep`` before."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # through a peft wrapper
+    params = _forward_parameters(type(base))
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return ("cache" if "cache" in params else "past_key_values"), keep
+
+
+def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """log p(candidate | prompt) of the batch's candidate rows, and each turn's value, in one pass.
+
+    ``batch`` rows are prompt + candidate sequences, right padded (see :func:`minibatch`). The
+    value of a turn is read at its prompt's last token, in its first candidate's row (the value
+    depends on the prompt only). Returns (R,) log-prob sums and (N,) values, with grad.
+    """
+    logits, values = policy(batch["input_ids"], batch["attention_mask"])  # (R, S, V), (R, S)
+    rows, cols = batch["candidate_mask"].nonzero(as_tuple=True)  # candidate tokens; never position 0
+    token_lp = ppo.token_logprobs(logits[rows, cols - 1], batch["input_ids"][rows, cols])  # (M,)
+    sums = token_lp.new_zeros(batch["input_ids"].shape[0]).index_add(0, rows, token_lp)  # (R,)
+    return sums, values[batch["value_rows"], batch["value_positions"]]  # (R,), (N,)
+
+
+def turn_distribution(batch: dict[str, Tensor], sums: Tensor, normalization: ScoreNormalization) -> Tensor:
+    """(N, C) candidate logits of the batch's turns from their rows' log-prob sums (R,)."""
+    scores = normalize_scores(sums, batch["num_tokens"], batch["num_words"], normalization)
+    return candidate_logits(scores, batch["row_turn"], batch["row_slot"], batch["chosen"].shape[0])

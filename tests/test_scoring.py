@@ -1,0 +1,301 @@
+"""Action scoring (``data.policy: score``): candidate distributions against direct forwards,
+one prompt encoding per step, greedy argmax, PPO at ratio 1, and a fit through the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import pytest
+import torch
+from model_helpers import FAMILIES, SYSTEM, build_family_model
+from transformers import PreTrainedTokenizerBase
+
+from llamagym_pl.agent import Agent
+from llamagym_pl.agents import BlackjackAgent
+from llamagym_pl.buffer import build_buffer
+from llamagym_pl.chat import build_messages, encode_episode, render
+from llamagym_pl.fit import build_cli
+from llamagym_pl.loading import build_policy, load_tokenizer
+from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.score_buffer import build_score_buffer, score_minibatch
+from llamagym_pl.score_update import score_candidates, score_ppo_loss
+from llamagym_pl.scoring import (
+    candidate_forward,
+    candidate_logprob_sums,
+    encode_candidates,
+    prompt_logits,
+    turn_distribution,
+)
+from llamagym_pl.scoring_rollout import ScoringCollector
+from llamagym_pl.tb import read_scalars
+from llamagym_pl.tiny_model import CACHE_ENV
+from llamagym_pl.update import score_rollout
+
+ENV, KWARGS = "Blackjack-v1", {"natural": False, "sab": False}
+OBS = ["your sum is 14 . the dealer shows 10 .", "your sum is 19 ."]
+# Different token and word counts, so the three normalizations differ.
+CANDIDATES = [["stick", "hit", "hit the deck again"], ["stand", "hit"]]
+NORMALIZATIONS = ("token", "word", "sum")
+
+
+def conversations(tokenizer: PreTrainedTokenizerBase) -> list[list[dict[str, str]]]:
+    """Two prompts of different lengths (the batch is left padded): after one and two turns."""
+    return [build_messages(tokenizer, SYSTEM, OBS[:1], []), build_messages(tokenizer, SYSTEM, OBS, ["hit"])]
+
+
+def direct_distribution(
+    policy: PolicyWithValueHead, tokenizer, conversation, candidates: list[str], normalization: str, raw=False
+) -> torch.Tensor:
+    """By hand: one unpadded forward per candidate, log-softmax (or raw logits), normalized, softmax."""
+    prompt = tokenizer(render(tokenizer, conversation, True), add_special_tokens=False)["input_ids"]
+    scores = []
+    for text in candidates:
+        reply = render(tokenizer, [*conversation, {"role": "assistant", "content": text}], False).rstrip()
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        cand = ids[len(prompt) :]
+        with torch.no_grad():
+            logits = policy.lm(input_ids=torch.tensor([ids])).logits[0].double()  # (L, V)
+        table = logits if raw else torch.log_softmax(logits, -1)
+        total = sum(table[len(prompt) + j - 1, tok] for j, tok in enumerate(cand))
+        scores.append(total / {"sum": 1, "token": len(cand), "word": len(text.split())}[normalization])
+    return torch.softmax(torch.stack(scores), 0).float()
+
+
+def scored_distributions(policy, tokenizer, normalization: str) -> list[torch.Tensor]:
+    """The library's distributions, from the KV-cached rollout path (one padded (2, 3) batch)."""
+    encoded = encode_candidates(tokenizer, conversations(tokenizer), CANDIDATES)
+    sums = candidate_logprob_sums(policy, encoded, tokenizer.pad_token_id)  # (5,)
+    logits = prompt_logits(sums, encoded, CANDIDATES, normalization)  # (2, 3)
+    probs = torch.softmax(logits, -1)
+    assert probs[1, 2] == 0  # the second turn has two candidates: its third slot is masked
+    return [p[: len(c)] for p, c in zip(probs, CANDIDATES, strict=True)]
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_candidate_distribution_equals_direct_forwards(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase, normalization: str
+) -> None:
+    policy = tiny_policy.eval()
+    got = scored_distributions(policy, tiny_tokenizer, normalization)
+    for conv, cands, probs in zip(conversations(tiny_tokenizer), CANDIDATES, got, strict=True):
+        expected = direct_distribution(policy, tiny_tokenizer, conv, cands, normalization)
+        torch.testing.assert_close(probs, expected, rtol=0, atol=1e-5)
+        # lamorel's bug, summing raw logits, gives another distribution.
+        raw = direct_distribution(policy, tiny_tokenizer, conv, cands, normalization, raw=True)
+        assert (probs - raw).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer: PreTrainedTokenizerBase = request.getfixturevalue(FAMILIES[request.param])
+    return build_family_model(request.param, tokenizer, tmp_path_factory.mktemp(request.param))
+
+
+def test_cached_scoring_and_spans_on_real_architectures(family_dir: Path) -> None:
+    """Left padding, position ids and the reused KV cache are right for Llama, Qwen3, Gemma, GPT-2
+    (absolute positions), and the candidate spans are encode_episode's reply spans."""
+    tokenizer = load_tokenizer(str(family_dir))
+    policy = build_policy(str(family_dir)).eval()
+    got = scored_distributions(policy, tokenizer, "token")
+    for conv, cands, probs in zip(conversations(tokenizer), CANDIDATES, got, strict=True):
+        torch.testing.assert_close(
+            probs, direct_distribution(policy, tokenizer, conv, cands, "token"), rtol=0, atol=1e-5
+        )
+    encoded = encode_candidates(tokenizer, conversations(tokenizer)[:1], [["hit", "stick"]])[0]
+    for text, span in zip(["hit", "stick"], encoded.candidate_ids, strict=True):
+        enc = encode_episode(tokenizer, SYSTEM, OBS[:1], [text])
+        assert [t for t, m in zip(enc.input_ids, enc.action_mask, strict=True) if m] == span
+        assert enc.value_positions == [len(encoded.prompt_ids) - 1]
+
+
+def test_prompt_is_encoded_once_per_step(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
+    shapes: list[tuple[int, ...]] = []
+    hook = tiny_policy.lm.register_forward_pre_hook(
+        lambda _module, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        encoded = encode_candidates(tiny_tokenizer, conversations(tiny_tokenizer), CANDIDATES)
+        candidate_logprob_sums(tiny_policy, encoded, tiny_tokenizer.pad_token_id)
+        prompt_len = max(len(e.prompt_ids) for e in encoded)
+        longest = max(len(c) for e in encoded for c in e.candidate_ids)
+        # The 2 prompts once, then the 5 candidates' remaining tokens on the cache: 2 calls.
+        assert shapes == [(2, prompt_len), (5, longest - 1)]
+        shapes.clear()
+        collector = ScoringCollector(ENV, KWARGS, BlackjackAgent(), 4, 4)
+        collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
+        assert [s[0] for s in shapes] == [4, 8]  # one step: 4 prompts, then 4 x 2 candidates
+    finally:
+        hook.remove()
+
+
+def collect(policy, tokenizer, greedy: bool, seed: int = 0, normalization: str = "token"):
+    collector = ScoringCollector(ENV, KWARGS, BlackjackAgent(), 8, 4, normalization=normalization)
+    return collector.collect(policy, tokenizer, seed=seed, epoch=0, steps_per_env=4, greedy=greedy).episodes
+
+
+def test_greedy_is_argmax_and_sampling_is_seeded(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
+    episodes = collect(tiny_policy, tiny_tokenizer, greedy=True, normalization="sum")
+    buf = build_score_buffer(tiny_tokenizer, episodes, build_buffer(tiny_tokenizer, episodes), "sum")
+    batch = score_minibatch(buf, list(range(len(buf))))
+    with torch.no_grad():
+        logits = turn_distribution(batch, candidate_forward(tiny_policy.eval(), batch)[0], "sum")  # (N, 2)
+    margin = (logits[:, 0] - logits[:, 1]).abs()
+    assert (margin > 1e-4).all(), "near-ties make argmax ambiguous under float noise"
+    torch.testing.assert_close(buf.chosen, logits.argmax(-1), rtol=0, atol=0)
+    for ep in episodes:  # the chosen name is the reply and plays its index
+        assert ep.responses == [c[k] for c, k in zip(ep.candidates, ep.chosen, strict=True)]
+        assert not any(ep.invalid)
+    sampled = collect(tiny_policy, tiny_tokenizer, greedy=False)
+    assert sampled == collect(tiny_policy, tiny_tokenizer, greedy=False)
+    assert sampled != collect(tiny_policy, tiny_tokenizer, greedy=False, seed=1)
+
+
+def test_ppo_at_ratio_one(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
+    policy = tiny_policy.eval()
+    episodes = collect(policy, tiny_tokenizer, greedy=False)
+    ep_buf = build_buffer(tiny_tokenizer, episodes)
+    buf = build_score_buffer(tiny_tokenizer, episodes, ep_buf, "word")
+    score_rollout(policy, ep_buf, gamma=1.0, gae_lambda=0.95, batch_size=64)
+    score_candidates(policy, buf, batch_size=5)  # several forward chunks
+    # The chosen log-prob of a few turns, by hand.
+    for n in (0, 3, len(buf) - 1):
+        e, t = int(buf.turn_episode[n]), int(buf.turn_step[n])
+        ep = episodes[e]
+        conv = build_messages(tiny_tokenizer, ep.system_prompt, ep.observations[: t + 1], ep.responses[:t])
+        probs = direct_distribution(policy, tiny_tokenizer, conv, ep.candidates[t], "word")
+        assert math.isclose(float(buf.old_logprobs[n]), math.log(probs[ep.chosen[t]]), abs_tol=1e-5)
+    batch = score_minibatch(buf, list(range(len(buf))))
+    loss, metrics = score_ppo_loss(policy, batch, "word", 0.2, True, 0.5, 0.0, norm_adv=False)
+    torch.testing.assert_close(metrics["train/policy_loss"], -batch["advantages"].mean(), rtol=0, atol=1e-5)
+    assert float(metrics["train/approx_kl"]) < 1e-8 and float(metrics["train/clipfrac"]) == 0.0
+    # Values from the turn rows equal those read from the episode sequences.
+    value_loss = 0.5 * ((batch["old_values"] - batch["returns"]) ** 2).mean()
+    torch.testing.assert_close(metrics["train/value_loss"], value_loss, rtol=0, atol=1e-5)
+    assert 0 < float(metrics["train/entropy"]) <= math.log(2) + 1e-6
+    loss.backward()
+    assert policy.lm.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+class Commands(gym.Env):
+    """Three actions; only some are admissible at each step (listed in ``info``)."""
+
+    action_space = gym.spaces.Discrete(3)
+    observation_space = gym.spaces.Discrete(4)
+    NAMES = ("go left", "go right", "wait")
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.t = 0
+        return 0, {"admissible_commands": list(self.NAMES[:2])}
+
+    def step(self, action: int):
+        self.t += 1
+        info = {"admissible_commands": [self.NAMES[2], self.NAMES[int(action) % 2]]}
+        return self.t, float(action == 1), self.t >= 3, False, info
+
+
+class CommandAgent(Agent):
+    def get_system_prompt(self) -> str:
+        return "choose a move ."
+
+    def format_observation(self, observation: Any) -> str:
+        return f"step {int(observation)} ."
+
+    def extract_action(self, response: str) -> int:
+        return Commands.NAMES.index(response)
+
+
+def test_candidates_from_env_info(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
+    gym.register("ScoringCommands-v0", entry_point=Commands)
+    try:
+        collector = ScoringCollector("ScoringCommands-v0", None, CommandAgent(), 3, 4)
+        episodes = collector.collect(
+            tiny_policy, tiny_tokenizer, seed=0, epoch=0, episodes_per_env=2
+        ).episodes
+    finally:
+        gym.registry.pop("ScoringCommands-v0")
+    assert len(episodes) == 6 and all(ep.num_turns == 3 for ep in episodes)
+    for ep in episodes:
+        assert ep.candidates[0] == ["go left", "go right"]
+        for t in range(1, 3):  # what the previous action made admissible
+            previous = Commands.NAMES.index(ep.responses[t - 1])
+            assert ep.candidates[t] == ["wait", Commands.NAMES[previous % 2]]
+        assert ep.env_return == sum(r == "go right" for r in ep.responses)
+
+
+def test_candidate_errors_are_specific() -> None:
+    with pytest.raises(ValueError, match="no candidate actions"):
+        CommandAgent().candidate_actions(0, {})
+    with pytest.raises(ValueError, match="no candidate actions"):  # when built, not mid-rollout
+        ScoringCollector(ENV, KWARGS, CommandAgent(), 1, 4)
+
+    class Wrong(BlackjackAgent):
+        action_names = ["stick", "hit", "double"]
+
+    with pytest.raises(ValueError, match="names 3 actions"):
+        ScoringCollector(ENV, KWARGS, Wrong(), 1, 4)
+    with pytest.raises(ValueError, match="score_normalization"):
+        ScoringCollector(ENV, KWARGS, BlackjackAgent(), 1, 4, normalization="mean")
+
+
+def test_fit_in_score_mode(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli = build_cli(
+            args=[
+                "--config",
+                str(Path(__file__).resolve().parents[1] / "experiments" / "blackjack.yaml"),
+                "--model.name_or_path",
+                str(tiny_model_dir),
+                "--data.policy",
+                "score",
+                "--data.num_envs",
+                "4",
+                "--data.steps_per_env",
+                "4",
+                "--model.num_minibatches",
+                "2",
+                "--model.update_epochs",
+                "1",
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.check_val_every_n_epoch",
+                "2",
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+                "--checkpoint.dirpath",
+                str(tmp_path / "ckpt"),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--data.eval_episodes",
+                "8",
+                "--data.eval_num_envs",
+                "4",
+            ]  # fmt: skip
+        )
+    finally:
+        torch.set_num_threads(threads)
+    scalars = read_scalars(Path(cli.trainer.logger.log_dir))
+    for tag in (
+        "rollout/return_mean",
+        "rollout/invalid_action_rate",
+        "rollout/candidate_entropy",
+        "train/policy_loss",
+        "train/value_loss",
+        "train/entropy",
+        "train/approx_kl",
+        "train/clipfrac",
+        "train/explained_variance",
+    ):
+        values = [v for _, v in scalars[tag]]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), tag
+    assert [v for _, v in scalars["rollout/invalid_action_rate"]] == [0.0, 0.0]
+    assert len(scalars["eval/return_mean"]) == 1
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
