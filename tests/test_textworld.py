@@ -19,7 +19,7 @@ pytest.importorskip("textworld", reason="TextWorld is optional: pip install -e '
 from llamagym_pl import evaluate  # noqa: E402 - after the skip: these need textworld
 from llamagym_pl.agents.textworld import TextWorldAgent  # noqa: E402
 from llamagym_pl.envs import TEXTWORLD_ID  # noqa: E402
-from llamagym_pl.envs.textworld import META_REPLY, make_game  # noqa: E402
+from llamagym_pl.envs.textworld import META_REPLY, is_meta_command, make_game  # noqa: E402
 from llamagym_pl.envs.textworld_words import WORDS  # noqa: E402
 from llamagym_pl.fit import build_cli  # noqa: E402
 from llamagym_pl.rollout import _sample_space  # noqa: E402
@@ -105,6 +105,10 @@ def test_meta_commands_never_reach_the_game(env: gym.Env) -> None:
         assert after["admissible_commands"] == info["admissible_commands"]
     rewards = [env.step(c)[1] for c in info["policy_commands"]]
     assert sum(rewards) == info["max_score"]
+    for command in ("Q", "look. quit", "look then restart", "  save game"):
+        assert is_meta_command(command), command
+    for command in ("take type Q keycard", "examine quilt", "look", "go south"):
+        assert not is_meta_command(command), command
 
 
 def test_seeded_games_and_episodes_are_reproducible(tw_cache: Path) -> None:

@@ -69,8 +69,17 @@ COMMAND_CHARSET = string.ascii_letters + string.digits + string.punctuation + " 
 # Interpreter commands that leave the game world: "quit"/"restart" ask "Are you sure?" and then
 # swallow every command but yes/no, and "restart"/"restore"/"undo" would rewind the score that
 # rewards are computed from. They are not passed to the game.
-META_COMMANDS = frozenset("quit q restart restore save undo script unscript transcript".split())
+META_COMMANDS = ("quit", "q", "restart", "restore", "save", "undo", "script", "unscript", "transcript")
 META_REPLY = "That command is not available in this game."
+# A meta command is the first word of a command or of one of the commands typed on one line
+# ("look. quit", "look then quit"); elsewhere the word can be a name ("take type Q keycard").
+_META = re.compile(rf"(?:^|[.,;!?]|\bthen\b)\s*(?:{'|'.join(META_COMMANDS)})\b", re.IGNORECASE)
+
+
+def is_meta_command(command: str) -> bool:
+    """Whether ``command`` would reach the interpreter's meta commands (see ``META_COMMANDS``)."""
+    return _META.search(command.strip()) is not None
+
 
 TW_MAKE_TIMEOUT_S = 300
 
@@ -177,7 +186,7 @@ class TextWorldEnv(gym.Env[str, str]):
         if self._info is None:
             raise RuntimeError("TextWorldEnv.step() before reset()")
         command = str(action).strip()
-        if set(re.findall(r"[a-z]+", command.lower())) & META_COMMANDS:
+        if is_meta_command(command):
             return META_REPLY, 0.0, False, False, dict(self._info)  # the game is left untouched
         state, score, done = self._game.step(command)
         reward = float(score - self._score)
