@@ -15,6 +15,7 @@ from llamagym_pl import ppo
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.score_buffer import ScoreBuffer, score_minibatch
 from llamagym_pl.scoring import ScoreNormalization, candidate_forward, turn_distribution
+from llamagym_pl.update import total_loss
 
 
 @torch.no_grad()
@@ -71,13 +72,4 @@ def score_ppo_loss(
     v_loss = ppo.value_loss(
         values, batch["old_values"], batch["returns"], every, clip_coef if clip_vloss else None
     )
-    loss = pg_loss - ent_coef * entropy + vf_coef * v_loss
-    metrics = {
-        "train/policy_loss": pg_loss.detach(),
-        "train/value_loss": v_loss.detach(),
-        "train/entropy": entropy.detach(),
-        "train/approx_kl": approx_kl,
-        "train/clipfrac": clipfrac,
-        "train/loss": loss.detach(),
-    }
-    return loss, metrics
+    return total_loss(pg_loss, v_loss, entropy, clipfrac, approx_kl, vf_coef, ent_coef)

@@ -112,6 +112,19 @@ def ppo_loss(
         batch["turn_mask"],
         clip_coef if clip_vloss else None,
     )
+    return total_loss(pg_loss, v_loss, entropy, clipfrac, approx_kl, vf_coef, ent_coef)
+
+
+def total_loss(
+    pg_loss: Tensor,
+    v_loss: Tensor,
+    entropy: Tensor,
+    clipfrac: Tensor,
+    approx_kl: Tensor,
+    vf_coef: float,
+    ent_coef: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO objective and its logged diagnostics, shared by generate and score mode."""
     loss = pg_loss - ent_coef * entropy + vf_coef * v_loss
     metrics = {
         "train/policy_loss": pg_loss.detach(),
