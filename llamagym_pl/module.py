@@ -206,7 +206,7 @@ class PPOModule(L.LightningModule):
         approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and self._any_rank(bool(approx_kl > hp.target_kl)):
             self._stop_epoch = True
-        size = int(batch["input_ids"].shape[0])
+        size = int(batch["prompt_ids" if score_buf is not None else "input_ids"].shape[0])
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss

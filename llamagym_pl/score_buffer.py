@@ -1,7 +1,8 @@
 """Scored-action rollouts as tensors: every turn's candidates as prompt + candidate rows.
 
-Layout (N turns, R candidate rows, S tokens): ``input_ids``/``candidate_mask`` (R, S), right
-padded; row ``first_row[n] + k`` is the prompt of turn ``n`` followed by its candidate ``k``. The
+Layout (N turns, R candidate rows, S tokens): ``input_ids`` (R, S), right padded; row
+``first_row[n] + k`` is the prompt of turn ``n`` (``prompt_lengths[n]`` tokens) followed by its
+candidate ``k``. Minibatches (:func:`score_minibatch`) hold each prompt once. The
 episode sequences of the same rollout (:class:`~llamagym_pl.buffer.RolloutBuffer`) give the
 turn values and advantages, exactly as for generated replies; turn ``n`` is turn
 ``turn_step[n]`` of episode ``turn_episode[n]`` there.
@@ -26,8 +27,8 @@ from llamagym_pl.scoring import ScoreNormalization, encode_candidates, row_layou
 class ScoreBuffer:
     episodes: RolloutBuffer
     normalization: ScoreNormalization
+    pad_token_id: int
     input_ids: Tensor  # (R, S)
-    candidate_mask: Tensor  # (R, S) True on the candidate's tokens
     lengths: Tensor  # (R,)
     num_tokens: Tensor  # (R,)
     num_words: Tensor  # (R,)
@@ -54,7 +55,7 @@ def build_score_buffer(
 
     Raises:
         ValueError: if an episode lacks its candidates, or a turn's prompt is not the prefix of
-            its episode's sequence that the turn's value is read from.
+            the row (of the episode buffer) that the turn's value is read from.
     """
     turns = [(e, t) for e, ep in enumerate(episodes) for t in range(ep.num_turns)]
     for ep in episodes:
@@ -63,17 +64,19 @@ def build_score_buffer(
         for t, (cands, k) in enumerate(zip(ep.candidates, ep.chosen, strict=True)):
             if cands[k] != ep.responses[t]:
                 raise ValueError(f"turn {t}: response {ep.responses[t]!r} is not its chosen candidate")
+    # Each turn's prompt as the policy saw it: under a prompt budget, without the oldest turns
+    # it dropped (Episode.prompt_start).
+    starts = [episodes[e].prompt_start[t] if episodes[e].prompt_start else 0 for e, t in turns]
     conversations = [
-        build_messages(
-            tokenizer, episodes[e].system_prompt, episodes[e].observations[: t + 1], episodes[e].responses[:t]
-        )
-        for e, t in turns
+        build_messages(tokenizer, ep.system_prompt, ep.observations[s : t + 1], ep.responses[s:t])
+        for (e, t), s in zip(turns, starts, strict=True)
+        for ep in [episodes[e]]
     ]
     candidates = [episodes[e].candidates[t] for e, t in turns]
     encoded = encode_candidates(tokenizer, conversations, candidates)
     for (e, t), enc in zip(turns, encoded, strict=True):
-        start = int(episode_buffer.value_positions[e, t]) + 1
-        if episode_buffer.input_ids[e, :start].tolist() != enc.prompt_ids:
+        row, start = int(episode_buffer.value_rows[e, t]), int(episode_buffer.value_positions[e, t]) + 1
+        if episode_buffer.input_ids[row, :start].tolist() != enc.prompt_ids:
             raise ValueError(
                 f"episode {e}, turn {t}: the generation prompt does not tokenize to the prefix of the "
                 "episode's sequence (the chat template is not prefix-stable)"
@@ -86,10 +89,8 @@ def build_score_buffer(
     return ScoreBuffer(
         episodes=episode_buffer,
         normalization=normalization,
+        pad_token_id=tokenizer.pad_token_id,
         input_ids=_padded([p + c for p, c in rows], length, tokenizer.pad_token_id, torch.long),
-        candidate_mask=_padded(
-            [[False] * len(p) + [True] * len(c) for p, c in rows], length, False, torch.bool
-        ),
         lengths=lengths,
         num_tokens=torch.tensor([len(c) for _, c in rows]),
         num_words=torch.tensor([word_count(c) for cands in candidates for c in cands]),
@@ -104,27 +105,38 @@ def build_score_buffer(
 
 
 def score_minibatch(buf: ScoreBuffer, index: Sequence[int]) -> dict[str, Tensor]:
-    """Turns ``index`` with their candidate rows, trimmed to their longest row.
+    """Turns ``index`` in the shared-prompt layout of :func:`~llamagym_pl.scoring.candidate_batch`.
 
-    Rows of turn ``n`` (``row_turn == n``) are consecutive; ``value_rows[n]`` is its first row
-    and ``value_positions[n]`` its prompt's last token. Once the rollout is scored, the turns'
+    ``prompt_ids``/``prompt_mask`` (N, P) hold each turn's prompt once, left padded;
+    ``candidate_ids``/``candidate_mask`` (R, K) its candidates, right padded; rows of turn ``n``
+    (``row_turn == n``) are consecutive. Once the rollout is scored, the turns'
     ``old_logprobs``, ``advantages``, ``returns`` and ``old_values`` (N,) come too.
     """
     idx = torch.as_tensor(index, dtype=torch.long)
     counts = buf.num_candidates[idx]  # (N,)
     row_turn, row_slot = row_layout(counts.tolist())  # (R,), (R,)
     rows = buf.first_row[idx][row_turn] + row_slot  # (R,)
-    length = int(buf.lengths[rows].max())
+    prompt_len = buf.prompt_lengths[idx]  # (N,)
+    p = int(prompt_len.max())
+    # Left padding: column j of turn n reads token j - (P - prompt_len[n]) of its first row.
+    col = torch.arange(p) - (p - prompt_len[:, None])  # (N, P)
+    prompt_mask = col >= 0
+    prompt_ids = buf.input_ids[buf.first_row[idx]].gather(1, col.clamp(min=0))
+    cand_len = buf.lengths[rows] - prompt_len[row_turn]  # (R,)
+    k = int(cand_len.max())
+    cand_col = prompt_len[row_turn, None] + torch.arange(k)  # (R, K)
+    cand_mask = torch.arange(k) < cand_len[:, None]
+    cand_ids = buf.input_ids[rows].gather(1, cand_col.clamp(max=buf.input_ids.shape[1] - 1))
+    pad = buf.pad_token_id
     batch = {
-        "input_ids": buf.input_ids[rows, :length],
-        "attention_mask": (torch.arange(length) < buf.lengths[rows, None]).long(),  # (R, S)
-        "candidate_mask": buf.candidate_mask[rows, :length],
+        "prompt_ids": torch.where(prompt_mask, prompt_ids, pad),
+        "prompt_mask": prompt_mask.long(),
+        "candidate_ids": torch.where(cand_mask, cand_ids, pad),
+        "candidate_mask": cand_mask,
         "num_tokens": buf.num_tokens[rows],
         "num_words": buf.num_words[rows],
         "row_turn": row_turn,
         "row_slot": row_slot,
-        "value_rows": torch.cumsum(counts, 0) - counts,
-        "value_positions": buf.prompt_lengths[idx] - 1,
         "chosen": buf.chosen[idx],
     }
     episodes, e, t = buf.episodes, buf.turn_episode[idx], buf.turn_step[idx]

@@ -141,53 +141,114 @@ def row_layout(num_candidates: Sequence[int]) -> tuple[Tensor, Tensor]:
     return row_turn, torch.arange(len(row_turn)) - first[row_turn]
 
 
-@torch.no_grad()
-def candidate_logprob_sums(policy, encoded: Sequence[EncodedCandidates], pad_token_id: int) -> Tensor:
-    """log p(candidate | prompt) of every candidate, the prompts encoded once (KV cache reused).
+def candidate_batch(encoded: Sequence[EncodedCandidates], pad_token_id: int) -> dict[str, Tensor]:
+    """The shared-prompt layout of B prompts and their R candidates (see :func:`candidate_forward`).
 
-    Two forward passes whatever the number of candidates: the B left-padded prompts (B, P), whose
-    last logits score every candidate's first token; then the candidates' remaining tokens as
-    (R, K - 1), attending to their prompt's cache rows (repeated per candidate). Returns (R,)
-    float32 on the CPU, rows in the order of ``encoded`` and its candidates.
+    ``prompt_ids``/``prompt_mask`` (B, P) left padded; ``candidate_ids``/``candidate_mask``
+    (R, K) right padded; ``row_turn`` (R,) the prompt of each candidate row.
     """
-    device = next(policy.parameters()).device
     prompts = [e.prompt_ids for e in encoded]
     cands = [c for e in encoded for c in e.candidate_ids]
-    counts = torch.tensor([len(e.candidate_ids) for e in encoded])
-    row_prompt = torch.repeat_interleave(torch.arange(len(encoded)), counts).to(device)  # (R,)
-    length = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_token_id] * (length - len(p)) + p for p in prompts], device=device)  # (B, P)
-    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, P)
+    p, k = max(len(x) for x in prompts), max(len(c) for c in cands)
+    return {
+        "prompt_ids": torch.tensor([[pad_token_id] * (p - len(x)) + x for x in prompts]),
+        "prompt_mask": torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompts]),
+        "candidate_ids": torch.tensor([c + [pad_token_id] * (k - len(c)) for c in cands]),
+        "candidate_mask": torch.tensor([[True] * len(c) + [False] * (k - len(c)) for c in cands]),
+        "row_turn": row_layout([len(e.candidate_ids) for e in encoded])[0],
+    }
+
+
+@torch.no_grad()
+def candidate_logprob_sums(policy, encoded: Sequence[EncodedCandidates], pad_token_id: int) -> Tensor:
+    """log p(candidate | prompt) of every candidate, each prompt encoded once (KV cache reused).
+
+    Returns (R,) float32 on the CPU, rows in the order of ``encoded`` and its candidates.
+    """
+    device = next(policy.parameters()).device
+    batch = {k: v.to(device) for k, v in candidate_batch(encoded, pad_token_id).items()}
+    return candidate_forward(policy, batch)[0].float().cpu()
+
+
+def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """log p(candidate | prompt) of R candidate rows and the value of their N prompts.
+
+    ``batch`` holds the shared-prompt layout of :func:`candidate_batch`. Each prompt is encoded
+    once: its last logits score every candidate's first token, and the candidates' remaining
+    tokens run as (R, K - 1) on the prompt's KV cache (its rows repeated per candidate): with C
+    candidates per turn this costs about one prompt instead of C. The value of a turn is read at
+    its prompt's last token (it depends on the prompt only). Positions count real tokens only,
+    as in the right-padded episode sequences.
+
+    Gradient checkpointing drops the KV cache in training (transformers re-runs each layer in
+    backward), so there the rows are encoded whole, prompt + candidate, with the same result.
+    Returns (R,) log-prob sums and (N,) values, with grad when grad is enabled.
+    """
+    if _checkpointing(policy.lm) and policy.training and torch.is_grad_enabled():
+        return _row_forward(policy, batch)
+    return _cached_forward(policy, batch)
+
+
+def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    ids, mask, row_turn = batch["prompt_ids"], batch["prompt_mask"], batch["row_turn"]  # (N, P), (R,)
+    cands, cand_mask = batch["candidate_ids"], batch["candidate_mask"]  # (R, K)
     cache_kw, keep_kw = _lm_kwargs(policy.lm)
     cache = DynamicCache()
-    # Positions count real tokens only, as in the right-padded training sequences.
     out = policy.lm(
         input_ids=ids,
         attention_mask=mask,
         position_ids=(mask.cumsum(1) - 1).clamp(min=0),
         use_cache=True,
+        output_hidden_states=True,
         **{cache_kw: cache, **({keep_kw: 1} if keep_kw else {})},
     )
-    first = torch.tensor([c[0] for c in cands], device=device)  # (R,)
-    sums = ppo.token_logprobs(out.logits[:, -1][row_prompt], first)  # (R,)
-    rest = max(len(c) for c in cands) - 1
+    values = policy.value_head(out.hidden_states[-1][:, -1])  # (N,)
+    sums = ppo.token_logprobs(out.logits[:, -1][row_turn], cands[:, 0])  # (R,)
+    rest = cands.shape[1] - 1
     if rest > 0:
-        pad = [[pad_token_id] * (rest + 1 - len(c)) for c in cands]
-        inputs = torch.tensor([c[:-1] + p for c, p in zip(cands, pad, strict=True)], device=device)
-        labels = torch.tensor([c[1:] + p for c, p in zip(cands, pad, strict=True)], device=device)
-        valid = torch.tensor([[1] * (len(c) - 1) + [0] * len(p) for c, p in zip(cands, pad, strict=True)])
-        valid = valid.to(device)  # (R, K - 1)
-        cache.reorder_cache(row_prompt)  # (B, ...) -> (R, ...): each candidate gets its prompt's rows
-        positions = mask.sum(1)[row_prompt, None] + torch.arange(rest, device=device)  # (R, K - 1)
+        cache.reorder_cache(row_turn)  # (N, ...) -> (R, ...): each candidate gets its prompt's rows
+        positions = mask.sum(1)[row_turn, None] + torch.arange(rest, device=ids.device)  # (R, K - 1)
         logits = policy.lm(
-            input_ids=inputs,
-            attention_mask=torch.cat([mask[row_prompt], valid], 1),
+            input_ids=cands[:, :-1],
+            attention_mask=torch.cat([mask[row_turn], cand_mask[:, :-1].long()], 1),
             position_ids=positions,
             use_cache=True,
             **{cache_kw: cache},
         ).logits  # (R, K - 1, V)
-        sums = sums + torch.where(valid.bool(), ppo.token_logprobs(logits, labels), 0.0).sum(1)
-    return sums.float().cpu()
+        token_lp = ppo.token_logprobs(logits, cands[:, 1:])  # (R, K - 1)
+        sums = sums + torch.where(cand_mask[:, 1:], token_lp, 0.0).sum(1)
+    return sums, values
+
+
+def _row_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    prompts, row_turn = batch["prompt_ids"], batch["row_turn"]  # (N, P), (R,)
+    cands, cand_mask = batch["candidate_ids"], batch["candidate_mask"]  # (R, K)
+    length, k = prompts.shape[1], cands.shape[1]
+    ids = torch.cat([prompts[row_turn], cands], 1)  # (R, P + K): [pad.. prompt, candidate, ..pad]
+    mask = torch.cat([batch["prompt_mask"][row_turn], cand_mask.long()], 1)
+    _, keep_kw = _lm_kwargs(policy.lm)
+    out = policy.lm(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=False,
+        output_hidden_states=True,
+        **({keep_kw: k + 1} if keep_kw else {}),
+    )
+    logits = out.logits[:, -(k + 1) : -1]  # (R, K, V): positions P - 1 .. P + K - 2
+    sums = torch.where(cand_mask, ppo.token_logprobs(logits, cands), 0.0).sum(1)  # (R,)
+    first = torch.ones_like(row_turn, dtype=torch.bool)
+    first[1:] = row_turn[1:] != row_turn[:-1]  # the first row of each turn
+    values = policy.value_head(out.hidden_states[-1][first, length - 1])  # (N,)
+    return sums, values
+
+
+def _checkpointing(lm) -> bool:
+    """Whether ``lm`` recomputes activations in backward (the flag was renamed in transformers 5)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(lm), name) or hasattr(lm, name):
+            return bool(getattr(lm, name))
+    return False
 
 
 @functools.cache
@@ -202,20 +263,6 @@ def _lm_kwargs(lm) -> tuple[str, str | None]:
     params = _forward_parameters(type(base))
     keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
     return ("cache" if "cache" in params else "past_key_values"), keep
-
-
-def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """log p(candidate | prompt) of the batch's candidate rows, and each turn's value, in one pass.
-
-    ``batch`` rows are prompt + candidate sequences, right padded (see :func:`minibatch`). The
-    value of a turn is read at its prompt's last token, in its first candidate's row (the value
-    depends on the prompt only). Returns (R,) log-prob sums and (N,) values, with grad.
-    """
-    logits, values = policy(batch["input_ids"], batch["attention_mask"])  # (R, S, V), (R, S)
-    rows, cols = batch["candidate_mask"].nonzero(as_tuple=True)  # candidate tokens; never position 0
-    token_lp = ppo.token_logprobs(logits[rows, cols - 1], batch["input_ids"][rows, cols])  # (M,)
-    sums = token_lp.new_zeros(batch["input_ids"].shape[0]).index_add(0, rows, token_lp)  # (R,)
-    return sums, values[batch["value_rows"], batch["value_positions"]]  # (R,), (N,)
 
 
 def turn_distribution(batch: dict[str, Tensor], sums: Tensor, normalization: ScoreNormalization) -> Tensor:

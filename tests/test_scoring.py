@@ -23,6 +23,7 @@ from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.score_buffer import build_score_buffer, score_minibatch
 from llamagym_pl.score_update import score_candidates, score_ppo_loss
 from llamagym_pl.scoring import (
+    candidate_batch,
     candidate_forward,
     candidate_logprob_sums,
     encode_candidates,
@@ -86,6 +87,44 @@ def test_candidate_distribution_equals_direct_forwards(
         # lamorel's bug, summing raw logits, gives another distribution.
         raw = direct_distribution(policy, tiny_tokenizer, conv, cands, normalization, raw=True)
         assert (probs - raw).abs().max() > 1e-3
+
+
+def test_shared_prompt_and_whole_row_forwards_agree(tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """Training encodes each prompt once and runs the candidates on its KV cache; with gradient
+    checkpointing (no cache in training) whole prompt + candidate rows give the same log-probs,
+    values and gradients."""
+    encoded = encode_candidates(tiny_tokenizer, conversations(tiny_tokenizer), CANDIDATES)
+    batch = candidate_batch(encoded, tiny_tokenizer.pad_token_id)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = build_policy(str(tiny_model_dir), gradient_checkpointing=checkpointing).train()
+        calls: list[torch.Size] = []
+
+        def record(module, args, kwargs, out, calls=calls) -> None:
+            calls.append(kwargs["input_ids"].shape)
+
+        hook = policy.lm.register_forward_hook(record, with_kwargs=True)
+        sums, values = candidate_forward(policy, batch)  # (5,), (2,)
+        hook.remove()
+        (sums.sum() + values.sum()).backward()
+        grad = policy.lm.get_input_embeddings().weight.grad.clone()
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        results.append((sums.detach(), values.detach(), grad, calls))
+    (sums, values, grad, calls), (row_sums, row_values, row_grad, row_calls) = results
+    longest = max(len(c) for e in encoded for c in e.candidate_ids)
+    prompt_len = max(len(e.prompt_ids) for e in encoded)
+    assert calls == [(2, prompt_len), (5, longest - 1)]  # the prompts once, then the candidates
+    assert row_calls == [(5, prompt_len + longest)]  # every candidate with its whole prompt
+    torch.testing.assert_close(row_sums, sums, rtol=0, atol=1e-5)
+    torch.testing.assert_close(row_values, values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(row_grad, grad, rtol=1e-4, atol=1e-6)
+    # The value is read at the prompt's last token, as from the episode sequence.
+    with torch.no_grad():
+        for n, e in enumerate(encoded):
+            ids = torch.tensor([e.prompt_ids])
+            _, v = policy.eval()(ids, torch.ones_like(ids))
+            assert math.isclose(float(v[0, -1]), float(values[n]), abs_tol=1e-5)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
