@@ -169,7 +169,7 @@ def run_update(
         p.grad = torch.zeros_like(p)
     optimizer.step()
     num_minibatches = min(setting.num_minibatches, len(buf))  # one env may finish few episodes
-    sampler = MinibatchSampler(buf.lengths, num_minibatches, setting.update_epochs, seed=0)
+    sampler = MinibatchSampler(buf.train_lengths, num_minibatches, setting.update_epochs, seed=0)
     ours, bare, shapes = Clock(device), Clock(device), []
     policy.train()
     for index in islice(sampler, setting.max_update_steps):

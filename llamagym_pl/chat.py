@@ -154,6 +154,17 @@ def encode_prompts(
     return input_ids, torch.tensor(mask, dtype=torch.long)  # (B, L), (B, L)
 
 
+class PromptBudgetError(ValueError):
+    """The system prompt and the current observation alone exceed the prompt budget."""
+
+    def __init__(self, system_tokens: int, needed: int, budget: int) -> None:
+        super().__init__(
+            f"the system prompt ({system_tokens} tokens) and the current observation render to {needed} "
+            f"tokens, more than max_prompt_tokens={budget}: raise the budget or shorten the prompt"
+        )
+        self.system_tokens, self.needed, self.budget = system_tokens, needed, budget
+
+
 def fit_to_budget(
     tokenizer: PreTrainedTokenizerBase,
     system_prompt: str | None,
@@ -169,12 +180,34 @@ def fit_to_budget(
     is fed. Returns the kept ``(observations, responses)``.
 
     Raises:
-        ValueError: if the system prompt and the current observation alone exceed the budget.
+        PromptBudgetError: (a ValueError) if the system prompt and the current observation alone
+            exceed the budget.
+    """
+    drop = prompt_start(tokenizer, system_prompt, observations, responses, max_tokens)
+    return list(observations[drop:]), list(responses[drop:])
+
+
+def prompt_start(
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None,
+    observations: Sequence[str],
+    responses: Sequence[str],
+    max_tokens: int,
+    min_start: int = 0,
+) -> int:
+    """How many of the oldest (observation, response) pairs :func:`fit_to_budget` drops.
+
+    ``min_start`` skips drop counts known not to fit: with a prefix-stable template, the
+    previous turn's count (this turn's prompt extends that one by a reply and an observation,
+    so it cannot fit with less dropped). The rollout passes it, so a long episode renders
+    about one or two candidate prompts per turn rather than one per turn of history.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     if not observations or len(responses) not in (len(observations), len(observations) - 1):
         raise ValueError(f"got {len(observations)} observations and {len(responses)} responses")
+    if not 0 <= min_start < len(observations):
+        raise ValueError(f"min_start={min_start} must keep the current observation")
     prompt = len(observations) > len(responses)
 
     def length(drop: int) -> int:
@@ -182,15 +215,12 @@ def fit_to_budget(
         return len(encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=prompt)))
 
     # Linear from the oldest turn: the first drop count that fits keeps the most history.
-    for drop in range(len(observations)):
+    for drop in range(min_start, len(observations)):
         n = length(drop)
         if n <= max_tokens:
-            return list(observations[drop:]), list(responses[drop:])
+            return drop
     system = len(encode_text(tokenizer, system_prompt)) if system_prompt else 0
-    raise ValueError(
-        f"the system prompt ({system} tokens) and the current observation render to {n} tokens, "
-        f"more than max_prompt_tokens={max_tokens}: raise the budget or shorten the prompt"
-    )
+    raise PromptBudgetError(system, n, max_tokens)
 
 
 @dataclass

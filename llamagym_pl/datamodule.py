@@ -56,6 +56,11 @@ class RolloutDataModule(L.LightningDataModule):
             and ``max_new_tokens``/``top_k``/``top_p`` are unused.
         score_normalization: how ``score`` mode turns a candidate's log-likelihood into its
             score: ``token`` (mean per token), ``word`` (sum over its word count) or ``sum``.
+        max_prompt_tokens: prompt budget for long episodes, in tokens (None: every prompt holds
+            the whole conversation). A turn whose conversation renders longer drops its oldest
+            (observation, reply) pairs until it fits; the system prompt and the current
+            observation are always kept, and a budget too small for those two alone is an error.
+            Training uses exactly the shortened prompts; returns still run over whole episodes.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_env_errors: int = 10,
         policy: Literal["generate", "score"] = "generate",
         score_normalization: ScoreNormalization = "token",
+        max_prompt_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(agent, Agent):
@@ -94,6 +100,8 @@ class RolloutDataModule(L.LightningDataModule):
         }.items():
             if value < 1:
                 raise ValueError(f"data.{name}={value} must be >= 1")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens} must be >= 1 (or null: no budget)")
         if max_env_errors < 0:
             raise ValueError(f"data.max_env_errors={max_env_errors} must be >= 0 (0: abort on the first)")
         if temperature <= 0:
@@ -124,6 +132,7 @@ class RolloutDataModule(L.LightningDataModule):
             invalid_penalty=hp.invalid_penalty,
             max_episode_steps=hp.max_episode_steps,
             max_env_errors=hp.max_env_errors,
+            max_prompt_tokens=hp.max_prompt_tokens,
             **scoring,
         )
 
@@ -167,7 +176,7 @@ class RolloutDataModule(L.LightningDataModule):
         )
         self.last_stats = stats
         self.buffer = build_buffer(module.tokenizer, stats.episodes)
-        dataset, lengths = RolloutDataset(self.buffer), self.buffer.lengths
+        dataset, lengths = RolloutDataset(self.buffer), self.buffer.train_lengths
         if self.hparams.policy == "score":  # minibatches of turns: one scored action each
             norm = self.hparams.score_normalization
             self.score_buffer = build_score_buffer(module.tokenizer, stats.episodes, self.buffer, norm)
@@ -178,7 +187,7 @@ class RolloutDataModule(L.LightningDataModule):
             module.hparams.update_epochs,
             seed=derive_seed(self.hparams.seed, epoch, rank, 4),
         )
-        # batch_size=None: the sampler yields whole minibatches of episode indices.
+        # batch_size=None: the sampler yields whole minibatches of row (or turn) indices.
         return DataLoader(dataset, sampler=sampler, batch_size=None)
 
     def sample_transcripts(self, k: int) -> list[str]:

@@ -206,8 +206,9 @@ def check_context(policy: Any, prompt_tokens: int, max_new_tokens: int) -> None:
     if limit is not None and prompt_tokens + max_new_tokens > limit:
         raise ConfigError(
             f"a prompt of {prompt_tokens} tokens plus data.max_new_tokens={max_new_tokens} exceeds the "
-            f"model's context of {limit} tokens; shorten the system prompt or observations, cap "
-            "episodes with data.max_episode_steps, lower data.max_new_tokens, or use a longer-context model"
+            f"model's context of {limit} tokens; set data.max_prompt_tokens (drops the oldest turns), "
+            "shorten the system prompt or observations, cap episodes with data.max_episode_steps, lower "
+            "data.max_new_tokens, or use a longer-context model"
         )
 
 

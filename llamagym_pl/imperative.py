@@ -33,7 +33,7 @@ from torch import nn
 from llamagym_pl import ppo
 from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
-from llamagym_pl.chat import build_messages, encode_prompts
+from llamagym_pl.chat import build_messages, encode_prompts, prompt_start
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, derive_seed, rollout_metrics
 from llamagym_pl.update import ppo_loss, score_rollout
@@ -87,6 +87,9 @@ class ImperativeConfig:
         action_space: the env's action space (``env.action_space``); else ``agent.action_space``.
         seed: seeds torch's global RNG once (generation samples from it) and the fallback and
             minibatch RNGs; None leaves torch's RNG alone (the other RNGs then use 0).
+        max_prompt_tokens: prompt budget in tokens (None: whole conversations). Longer prompts
+            drop their oldest turns, keeping the system prompt and the current observation, as
+            ``data.max_prompt_tokens`` does (see :func:`~llamagym_pl.chat.fit_to_budget`).
     """
 
     batch_size: int = 8
@@ -109,6 +112,7 @@ class ImperativeConfig:
     invalid_penalty: float = 0.0
     action_space: Any = None
     seed: int | None = None
+    max_prompt_tokens: int | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ImperativeConfig:
@@ -136,6 +140,8 @@ class ImperativeConfig:
             raise ValueError(
                 f"num_minibatches={self.num_minibatches} exceeds batch_size={self.batch_size} episodes"
             )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"ppo_config_dict['max_prompt_tokens']={self.max_prompt_tokens} must be >= 1")
         if self.invalid_action not in ("random", "fixed"):
             raise ValueError(f"invalid_action={self.invalid_action!r} must be 'random' or 'fixed'")
 
@@ -222,10 +228,11 @@ class ImperativeTrainer:
         text = self.agent.format_observation(observation)
         if not isinstance(text, str):
             raise TypeError(f"format_observation returned {type(text).__name__} ({text!r}); return a str")
-        reply = self._generate(ep, text)
+        start = self._prompt_start(ep, text)
+        reply = self._generate(ep, text, start)
         action, invalid = self._parse(reply)
-        # Appended together, after parsing, so the four lists stay in step whatever happens above.
-        ep.observations.append(text)
+        # Appended together, after parsing, so the lists stay in step whatever happens above.
+        self._append_observation(ep, text, start)
         ep.responses.append(reply)
         ep.invalid.append(invalid)
         ep.rewards.append(0.0)
@@ -255,7 +262,9 @@ class ImperativeTrainer:
             return {}
         if truncated:
             ep.truncated = True
-            ep.observations.append(self.agent.format_observation(next_observation))
+            text = self.agent.format_observation(next_observation)
+            # The state to bootstrap from, with the prompt it would be played from.
+            self._append_observation(ep, text, self._prompt_start(ep, text))
         else:
             ep.terminated = True
         if not self.training:
@@ -271,10 +280,25 @@ class ImperativeTrainer:
         self.training = mode
 
     # ------------------------------------------------------------------ acting
+    def _prompt_start(self, ep: Episode, text: str) -> int:
+        """How many of the oldest turns the prompt for ``text`` drops (0 without a budget)."""
+        budget = self.config.max_prompt_tokens
+        if budget is None:
+            return 0
+        previous = ep.prompt_start[-1] if ep.prompt_start else 0
+        observations = [*ep.observations, text]
+        return prompt_start(self.tokenizer, ep.system_prompt, observations, ep.responses, budget, previous)
+
+    def _append_observation(self, ep: Episode, text: str, start: int) -> None:
+        if self.config.max_prompt_tokens is not None:  # recorded: training encodes that prompt
+            ep.prompt_start.append(start)
+        ep.observations.append(text)
+
     @torch.no_grad()
-    def _generate(self, ep: Episode, text: str) -> str:
+    def _generate(self, ep: Episode, text: str, start: int) -> str:
         tok = self.tokenizer
-        messages = build_messages(tok, ep.system_prompt, [*ep.observations, text], ep.responses)
+        observations, responses = [*ep.observations, text][start:], ep.responses[start:]
+        messages = build_messages(tok, ep.system_prompt, observations, responses)
         input_ids, attention_mask = encode_prompts(tok, [messages])  # (1, L) each, left padded
         kwargs = dict(self.generate_kwargs)
         if not self.training:  # inference mode: greedy
@@ -344,7 +368,7 @@ class ImperativeTrainer:
         score_batch = math.ceil(len(buf) / cfg.num_minibatches)  # no more memory than a minibatch
         metrics.update(score_rollout(self.policy, buf, cfg.gamma, cfg.gae_lambda, score_batch))
         sampler = MinibatchSampler(
-            buf.lengths,
+            buf.train_lengths,
             cfg.num_minibatches,
             cfg.update_epochs,
             seed=derive_seed(cfg.seed or 0, self.num_updates, 4),

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from llamagym_pl.agent import Agent
-from llamagym_pl.chat import build_messages, encode_prompts
-from llamagym_pl.guards import EnvFaults, check_context
+from llamagym_pl.chat import Message, PromptBudgetError, build_messages, encode_prompts, prompt_start
+from llamagym_pl.guards import ConfigError, EnvFaults, check_context
 
 InvalidActionPolicy = Literal["random", "fixed"]
 
@@ -52,6 +52,10 @@ class Episode:
     # one played (its text is that turn's response). Empty for generated replies.
     candidates: list[list[str]] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
+    # With a prompt budget (data.max_prompt_tokens), per observation: how many of the oldest turns
+    # its prompt dropped (the prompt held observations[s:] and responses[s:]). Training encodes
+    # exactly those prompts. Empty: every prompt held the whole history.
+    prompt_start: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -96,6 +100,11 @@ class RolloutCollector:
             turns are not trained on), resets that env with its next derived seed and is
             counted (``rollout/env_errors``, and logged); one more fault than this aborts the
             rollout with :class:`~llamagym_pl.guards.RunAborted`.
+        max_prompt_tokens: prompt budget in tokens (None: none). A turn whose whole conversation
+            renders longer drops its oldest (observation, reply) pairs until it fits; the system
+            prompt and the current observation are always kept (see
+            :func:`~llamagym_pl.chat.fit_to_budget`), and ``Episode.prompt_start`` records what
+            was dropped.
     """
 
     def __init__(
@@ -113,7 +122,11 @@ class RolloutCollector:
         invalid_penalty: float = 0.0,
         max_episode_steps: int | None = None,
         max_env_errors: int = 10,
+        max_prompt_tokens: int | None = None,
     ) -> None:
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens} must be >= 1 (or null: no budget)")
+        self.max_prompt_tokens = max_prompt_tokens
         self.agent = agent
         self.env_id = env_id
         self.max_env_errors = max_env_errors
@@ -194,10 +207,7 @@ class RolloutCollector:
                 active = [i for i in range(self.num_envs) if current[i] is not None and has_budget(i)]
                 if not active:
                     break
-                conversations = [
-                    build_messages(tokenizer, system, current[i].observations, current[i].responses)
-                    for i in active
-                ]
+                conversations = [self._prompt(tokenizer, current[i]) for i in active]
                 t0 = time.perf_counter()
                 episodes = [current[i] for i in active]
                 replies, n_prompt, n_gen = self._reply(
@@ -242,6 +252,9 @@ class RolloutCollector:
                 env_s += time.perf_counter() - t0
         finally:
             policy.train(was_training)
+        if self.max_prompt_tokens is not None:
+            for ep in finished:  # cut and truncated episodes: the prompt of the state to bootstrap from
+                self._prompt(tokenizer, ep)
         return RolloutStats(
             episodes=finished,
             env_steps=env_steps,
@@ -252,6 +265,30 @@ class RolloutCollector:
             seconds=time.perf_counter() - start,
             env_errors=faults.count,
         )
+
+    def _prompt(self, tokenizer, ep: Episode) -> list[Message]:
+        """The conversation the policy answers at ``ep``'s latest observation: the whole history,
+        or with ``max_prompt_tokens`` its newest turns that fit (recorded in ``ep.prompt_start``)."""
+        if self.max_prompt_tokens is None:
+            return build_messages(tokenizer, ep.system_prompt, ep.observations, ep.responses)
+        if len(ep.prompt_start) < len(ep.observations):
+            # The previous prompt's start: a longer conversation never keeps more of its history.
+            previous = ep.prompt_start[-1] if ep.prompt_start else 0
+            budget = self.max_prompt_tokens
+            try:
+                start = prompt_start(
+                    tokenizer, ep.system_prompt, ep.observations, ep.responses, budget, previous
+                )
+            except PromptBudgetError as err:
+                raise ConfigError(
+                    f"data.max_prompt_tokens={err.budget} cannot hold the system prompt ({err.system_tokens} "
+                    f"tokens) and the current observation, which render to {err.needed} tokens: raise "
+                    f"data.max_prompt_tokens to at least {err.needed}, or shorten the system prompt or "
+                    "the observations"
+                ) from err
+            ep.prompt_start.append(start)
+        start = ep.prompt_start[-1]
+        return build_messages(tokenizer, ep.system_prompt, ep.observations[start:], ep.responses[start:])
 
     def _step(self, i: int, action: Any) -> tuple[Any, float, bool, bool]:
         obs, reward, terminated, truncated, _ = self.envs[i].step(action)

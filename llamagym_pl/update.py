@@ -26,10 +26,12 @@ def score_rollout(
     reference: ReferencePolicy | None = None,
     kl_coef: float = 0.0,
 ) -> dict[str, float]:
-    """Fill ``buf`` with old log-probs and turn values (one forward per episode) and GAE.
+    """Fill ``buf`` with old log-probs and turn values (one forward per row) and GAE.
 
-    The value of turn ``t`` is read at ``value_positions[:, t]`` (end of its prompt); the
-    bootstrap value of a truncated or cut episode at ``bootstrap_position``.
+    The value of turn ``t`` of episode ``e`` is read at ``value_positions[e, t]`` (end of its
+    prompt) of row ``value_rows[e, t]``; the bootstrap value of a truncated or cut episode at
+    ``bootstrap_position[e]`` of row ``bootstrap_row[e]``. GAE runs over each episode's turns,
+    across its rows: a prompt that dropped old turns does not cut the episode's return.
 
     With a ``reference`` policy, each turn's reward enters GAE as
     ``r_t - kl_coef * sum over the turn's tokens of (logp - ref_logp)`` (see
@@ -57,12 +59,14 @@ def score_rollout(
     finally:
         policy.train(was_training)
     buf.old_logprobs = logprobs
-    buf.old_values = values.gather(1, buf.value_positions) * buf.turn_mask  # (E, T)
-    next_value = values.gather(1, buf.bootstrap_position[:, None]).squeeze(1)  # (E,)
+    buf.old_values = values[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
+    next_value = values[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
     rewards, metrics = buf.rewards, {}
     if ref_logprobs is not None:
         num_turns = buf.turn_mask.shape[1]
-        kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (E, T)
+        row_kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (R, T)
+        # Each turn's tokens are in one row: summing an episode's rows gathers its turns.
+        kl = torch.zeros_like(buf.rewards).index_add_(0, buf.row_episode, row_kl)  # (E, T)
         rewards = rewards - kl_coef * kl
         metrics["train/kl_ref"] = float(ppo.masked_mean(kl, buf.turn_mask))
     advantages, buf.returns = ppo.compute_gae(

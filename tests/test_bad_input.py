@@ -149,6 +149,7 @@ def test_agent_class_that_is_not_an_agent(
         ("data.max_new_tokens", "0", "data.max_new_tokens=0 must be >= 1"),
         ("data.temperature", "0", "data.temperature=0.0 must be > 0"),
         ("data.max_env_errors", "-1", "data.max_env_errors=-1 must be >= 0"),
+        ("data.max_prompt_tokens", "0", "data.max_prompt_tokens=0 must be >= 1"),
         ("model.num_minibatches", "17", "model.num_minibatches=17 is more than a rollout can have"),
     ],
 )

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from llamagym_pl.chat import build_messages, encode_text, fit_to_budget, render
+from llamagym_pl.chat import (
+    PromptBudgetError,
+    build_messages,
+    encode_text,
+    fit_to_budget,
+    prompt_start,
+    render,
+)
 
 SYSTEM = "you are an expert blackjack player . answer hit or stick ."
 OBS = [f"your sum is {n} . the dealer shows {n - 9} ." for n in range(12, 20)]  # 8 turns
@@ -60,9 +67,26 @@ def test_finished_episode_keeps_its_last_pair(tokenizer: PreTrainedTokenizerBase
 def test_too_small_a_budget_names_the_lengths(tokenizer: PreTrainedTokenizerBase) -> None:
     needed = _length(tokenizer, OBS[-1:], [])
     with pytest.raises(
-        ValueError, match=rf"render to {needed} tokens, more than max_prompt_tokens={needed - 1}"
-    ):
+        PromptBudgetError, match=rf"render to {needed} tokens, more than max_prompt_tokens={needed - 1}"
+    ) as err:
         fit_to_budget(tokenizer, SYSTEM, OBS, RESP[:-1], needed - 1)
+    assert (err.value.needed, err.value.budget) == (needed, needed - 1)
+    assert isinstance(err.value, ValueError)
+
+
+def test_search_from_the_previous_start_finds_the_same_prompts(tokenizer: PreTrainedTokenizerBase) -> None:
+    # As a conversation grows turn by turn, each prompt's start never moves back, so the rollout
+    # may start each search where the previous one ended.
+    budget = _length(tokenizer, OBS[:3], RESP[:2])
+    previous = 0
+    for t in range(len(OBS)):
+        start = prompt_start(tokenizer, SYSTEM, OBS[: t + 1], RESP[:t], budget, min_start=previous)
+        assert start == prompt_start(tokenizer, SYSTEM, OBS[: t + 1], RESP[:t], budget)
+        assert previous <= start <= t, "the current observation is kept"
+        previous = start
+    assert previous > 0
+    with pytest.raises(ValueError, match="must keep the current observation"):
+        prompt_start(tokenizer, SYSTEM, OBS[:2], RESP[:1], budget, min_start=2)
 
 
 def test_rejects_mismatched_turns(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
