@@ -4,18 +4,27 @@ Greedy decoding on fixed, seeded evaluation deals, batched over ``data.eval_num_
 Prints mean return ± standard error, win/draw/loss and invalid-action rates, and writes them
 as JSON (default: ``eval.json`` beside the checkpoint). The same config file as for training
 is used, so the agent, env and model settings match the run.
+
+Evaluation runs in this one process. DDP runs' checkpoints are ordinary files (rank 0 wrote
+them), and FSDP's default ``state_dict_type: full`` writes one file too (a ``sharded``
+directory must be consolidated first). A config that trains on several processes
+(``trainer.strategy: ddp``, ``devices: 4``) is accepted, with a note that those settings apply
+to training only; under torchrun or srun with several tasks evaluate refuses to start (each
+task would play every episode).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from llamagym_pl.fit import SETUP_ERRORS, build_cli
-from llamagym_pl.guards import check_checkpoint_fits, one_line_errors
+from llamagym_pl.guards import ConfigError, check_checkpoint_fits, one_line_errors
 
 
 def load_weights(module, ckpt_path: str) -> None:
@@ -26,6 +35,13 @@ def load_weights(module, ckpt_path: str) -> None:
     weights from the model built from the config, as when resuming.
     """
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise ConfigError(
+            f"checkpoint {ckpt_path!r} is a directory (an FSDP checkpoint saved with state_dict_type: "
+            "sharded); consolidate it into one file first: python -m "
+            f"lightning.pytorch.utilities.consolidate_checkpoint {ckpt_path}, then pass "
+            f"--ckpt_path {ckpt_path}.consolidated"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; pass the path of a .ckpt file")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -51,10 +67,15 @@ def _evaluate(argv: list[str] | None) -> dict:
                 episodes = int(value)
             else:
                 out = value
-    cli = build_cli(args=argv, run_fit=False)
+    with warnings.catch_warnings():
+        # LightningCLI warns when given args while sys.argv has some: ours are sys.argv, minus
+        # the two flags above.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = build_cli(args=argv, run_fit=False)
     ckpt_path = cli.config.get("ckpt_path")
     if not ckpt_path:
         raise SystemExit("evaluate needs --ckpt_path PATH (a checkpoint written by llamagym_pl.fit)")
+    _check_one_process(cli.trainer)
     module, datamodule = cli.model, cli.datamodule
     load_weights(module, ckpt_path)
     results = datamodule.evaluate(module.policy, module.tokenizer, episodes)
@@ -68,6 +89,24 @@ def _evaluate(argv: list[str] | None) -> dict:
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
     return results
+
+
+def _check_one_process(trainer) -> None:
+    """Evaluation plays every episode here; training's multi-process settings do not apply."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and Lightning's own launcher)
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    external = environment is not None and environment.creates_processes_externally
+    if launched > 1 or (external and trainer.world_size > 1):
+        raise ConfigError(
+            f"evaluate runs in one process, but a launcher (torchrun, srun) started "
+            f"{max(launched, trainer.world_size)}: start it with plain python, or as one task"
+        )
+    if trainer.world_size > 1:
+        print(
+            f"note: evaluate plays all episodes in this one process; the {trainer.world_size}-process "
+            "trainer settings (strategy, devices, num_nodes) apply to training only",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

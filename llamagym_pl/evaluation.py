@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import torch
+import torch.distributed as dist
 
-from llamagym_pl.rollout import RolloutCollector, derive_seed
+from llamagym_pl.rollout import RolloutCollector, RolloutStats, derive_seed
 
 # Evaluation episodes come from their own seed stream, the same at every evaluation, so two
 # checkpoints are compared on the very same deals.
@@ -21,6 +22,11 @@ def evaluate(
     Returns ``return_mean``, ``return_stderr``, ``win_rate``/``draw_rate``/``loss_rate``
     (return > 0, = 0, < 0), ``invalid_action_rate``, ``episode_length``, ``episodes`` and
     ``env_errors`` (env faults; their episodes were replaced).
+
+    Under DDP every rank calls this at once with its own ``rank`` and share of the episodes (its
+    deals are seeded by its rank, so no two ranks play the same one). The numbers returned are
+    then over the episodes of all ranks (their sums are all-reduced), the same on every rank:
+    ``episodes`` is the job's total and ``return_stderr`` the standard error of the pooled mean.
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes={num_episodes} must be >= 1")
@@ -34,19 +40,56 @@ def evaluate(
         episodes_per_env=per_env,
         greedy=True,
     )
-    returns = np.array([ep.env_return for ep in stats.episodes], dtype=np.float64)
-    turns = sum(ep.num_turns for ep in stats.episodes)
-    invalid = sum(sum(ep.invalid) for ep in stats.episodes)
-    n = len(returns)
+    totals = _sum_over_ranks(eval_totals(stats))
+    return eval_metrics(totals)
+
+
+def eval_totals(stats: RolloutStats) -> dict[str, float]:
+    """Additive sums of one process's evaluation episodes (summed over DDP ranks as they are)."""
+    returns = [ep.env_return for ep in stats.episodes]
     return {
-        "episodes": n,
-        "return_mean": float(returns.mean()),
-        "return_stderr": float(returns.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-        "win_rate": float((returns > 0).mean()),
-        "draw_rate": float((returns == 0).mean()),
-        "loss_rate": float((returns < 0).mean()),
-        "invalid_action_rate": invalid / max(turns, 1),
-        "episode_length": turns / n,
-        "env_steps_per_s": stats.env_steps / max(stats.seconds, 1e-9),
-        "env_errors": stats.env_errors,  # dropped episodes (replaced: ``episodes`` stays whole)
+        "episodes": float(len(returns)),
+        "return_sum": math.fsum(returns),
+        "return_sq_sum": math.fsum(r * r for r in returns),
+        "wins": float(sum(r > 0 for r in returns)),
+        "draws": float(sum(r == 0 for r in returns)),
+        "losses": float(sum(r < 0 for r in returns)),
+        "turns": float(sum(ep.num_turns for ep in stats.episodes)),
+        "invalid": float(sum(sum(ep.invalid) for ep in stats.episodes)),
+        "env_steps": float(stats.env_steps),
+        "seconds": stats.seconds,
+        "env_errors": float(stats.env_errors),
+        "ranks": 1.0,
     }
+
+
+def eval_metrics(totals: dict[str, float]) -> dict:
+    """The reported numbers from (possibly rank-summed) :func:`eval_totals`."""
+    n = totals["episodes"]
+    mean = totals["return_sum"] / n
+    # Sample variance from the sums (float64; returns are small, so no cancellation to fear).
+    var = max(totals["return_sq_sum"] - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")
+    return {
+        "episodes": int(n),
+        "return_mean": mean,
+        "return_stderr": math.sqrt(var / n),
+        "win_rate": totals["wins"] / n,
+        "draw_rate": totals["draws"] / n,
+        "loss_rate": totals["losses"] / n,
+        "invalid_action_rate": totals["invalid"] / max(totals["turns"], 1.0),
+        "episode_length": totals["turns"] / n,
+        # Summed work over the ranks' mean wall time: the whole job's rate.
+        "env_steps_per_s": totals["env_steps"] / max(totals["seconds"] / totals["ranks"], 1e-9),
+        "env_errors": int(totals["env_errors"]),  # dropped episodes (replaced: ``episodes`` stays whole)
+    }
+
+
+def _sum_over_ranks(totals: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return totals
+    # nccl reduces CUDA tensors only (Lightning has set this process's device); gloo CPU ones.
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    packed = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(packed)  # sum
+    return dict(zip(totals, packed.tolist(), strict=True))

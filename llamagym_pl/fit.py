@@ -12,6 +12,7 @@ line; checkpoints are written atomically and resumed with ``weights_only``; Ctrl
 
 from __future__ import annotations
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -91,8 +92,9 @@ def fit(cli: LlamaGymCLI) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
-SETUP_ERRORS = (ValueError, TypeError, OSError, LlamaGymError)
-"""Errors while building from the config are config errors: printed as one line."""
+SETUP_ERRORS = (ValueError, TypeError, OSError, LlamaGymError, MisconfigurationException)
+"""Errors while building from the config are config errors: printed as one line (Lightning's
+``MisconfigurationException``: e.g. ``accelerator: gpu`` on a machine without one)."""
 
 
 def main(argv: list[str] | None = None) -> None:
