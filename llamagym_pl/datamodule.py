@@ -166,14 +166,17 @@ class RolloutDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         epoch = self.trainer.current_epoch
         rank = self.trainer.global_rank
-        stats = self.collector.collect(
-            module.policy,
-            module.tokenizer,
-            seed=self.hparams.seed,
-            epoch=epoch,
-            rank=rank,
-            steps_per_env=self.hparams.steps_per_env,
-        )
+        # The trainer's precision (e.g. bf16-mixed autocast), as in training_step: else the PPO
+        # ratio of an unchanged policy would not be 1.
+        with self.trainer.precision_plugin.forward_context():
+            stats = self.collector.collect(
+                module.policy,
+                module.tokenizer,
+                seed=self.hparams.seed,
+                epoch=epoch,
+                rank=rank,
+                steps_per_env=self.hparams.steps_per_env,
+            )
         self.last_stats = stats
         self.buffer = build_buffer(module.tokenizer, stats.episodes)
         dataset, lengths = RolloutDataset(self.buffer), self.buffer.train_lengths

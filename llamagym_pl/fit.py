@@ -12,6 +12,7 @@ line; checkpoints are written atomically and resumed with ``weights_only``; Ctrl
 
 from __future__ import annotations
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -54,6 +55,14 @@ class LlamaGymCLI(LightningCLI):
             default=None,
             help="Checkpoint to resume from: a path, or last (newest last.ckpt in checkpoint.dirpath).",
         )
+        parser.add_argument(
+            "--torch_num_threads",
+            type=int | None,
+            default=None,
+            help="CPU threads for torch ops (None: torch's default, one per core). Small models "
+            "run fastest on 1: their matmuls are too small to split, and on a busy machine a "
+            "second thread waits for a free core at every op.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -65,6 +74,14 @@ class LlamaGymCLI(LightningCLI):
                 "checkpoint.save_on_train_epoch_end": True,
             }
         )
+
+
+    def before_instantiate_classes(self) -> None:
+        threads = self.config.get("torch_num_threads")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"torch_num_threads={threads} must be >= 1 (or null for torch's default)")
+            torch.set_num_threads(threads)
 
 
 def build_cli(args=None, run_fit: bool = True) -> LlamaGymCLI:

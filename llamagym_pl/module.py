@@ -137,14 +137,16 @@ class PPOModule(L.LightningModule):
         metrics = self._rollout_metrics(datamodule.last_stats)
         hp = self.hparams
         kl_coef, buf = self.kl_ctl.value, datamodule.buffer
-        metrics.update(
-            score_rollout(
-                self.policy, buf, hp.gamma, hp.gae_lambda, hp.score_batch_size, self.reference, kl_coef
+        # Old log-probs under the trainer's precision (autocast), as the training step's new ones.
+        with self.trainer.precision_plugin.forward_context():
+            metrics.update(
+                score_rollout(
+                    self.policy, buf, hp.gamma, hp.gae_lambda, hp.score_batch_size, self.reference, kl_coef
+                )
             )
-        )
-        score_buf = getattr(datamodule, "score_buffer", None)
-        if score_buf is not None:  # data.policy: score: old log-probs of the chosen candidates
-            metrics.update(score_candidates(self.policy, score_buf, hp.score_batch_size))
+            score_buf = getattr(datamodule, "score_buffer", None)
+            if score_buf is not None:  # data.policy: score: old log-probs of the chosen candidates
+                metrics.update(score_candidates(self.policy, score_buf, hp.score_batch_size))
         if self.reference is not None:
             metrics["train/kl_coef"] = kl_coef
             # Every DDP rank must adapt the coefficient identically: use the ranks' mean KL.

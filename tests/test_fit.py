@@ -251,3 +251,22 @@ def test_every_experiment_yaml_parses(
             assert cli.datamodule.hparams[key] == value, f"data.{key}"
     if "max_epochs" in raw.get("trainer", {}):
         assert cli.trainer.max_epochs == raw["trainer"]["max_epochs"]
+
+
+@pytest.mark.parametrize("policy", ["generate", "score"])
+def test_mixed_precision_rollout_is_scored_as_it_trains(
+    tiny_model_dir: Path, tmp_path: Path, policy: str
+) -> None:
+    """Under bf16-mixed the rollout and its old log-probs run in the training step's autocast, so
+    the first minibatch (the whole rollout, before any update) has a PPO ratio of exactly 1.
+    Scored without autocast, the approx-KL here was 2.6e-8 (score) and 1.8e-7 (generate)."""
+    run = fit(
+        tiny_model_dir,
+        tmp_path,
+        *("--data.policy", policy, "--trainer.precision", "bf16-mixed", "--model.num_minibatches", "1"),
+        *("--data.num_envs", "8", "--trainer.check_val_every_n_epoch", "5"),
+        epochs=1,
+    )
+    ((_, approx_kl),) = run.scalars["train/approx_kl"]
+    assert abs(approx_kl) < 1e-9
+    assert run.scalars["train/clipfrac"][0][1] == 0.0
