@@ -3,7 +3,7 @@
 Per setting (model x device x num_envs) it plays Blackjack-v1 with ``RolloutCollector``, builds
 and scores the buffer and runs PPO minibatch steps, and prints env steps/s, episodes/s, token
 rates, the time split, peak RSS, and the ratios to the bare model's time for the same passes
-(see ``bench/measure.py``). Then the whole fit loop of ``experiments/blackjack.yaml`` and the RSS
+(see ``bench/measure.py``). Then the whole fit loop of ``experiments/blackjack-generate.yaml`` and the RSS
 of a 40-epoch run. Writes everything to ``bench_results/bench.json``.
 
 Rates and the split are wall time. On the CPU the ratios to the limit are CPU time of this
@@ -178,7 +178,7 @@ def report(result: dict[str, Any]) -> None:
             "n/a (too few epochs)" if rss_slope is None else f"{rss_slope:+.2f} MB/epoch over the last half"
         )
         print(
-            f"end-to-end fit of {' '.join(['blackjack.yaml', *d['overrides']])} (validation off): "
+            f"end-to-end fit of {' '.join(['blackjack-generate.yaml', *d['overrides']])} (validation off): "
             f"{d['env_steps_per_s']:.0f} env steps/s after epoch 0 ({d['epochs']} epochs, "
             f"rollout {d['rollout_share']:.0%} of the time); peak RSS {d['peak_rss_mb']:.0f} MB"
         )

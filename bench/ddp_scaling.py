@@ -1,6 +1,6 @@
 """Env steps/s of training with 1 vs 2 DDP processes (CPU, gloo) on the same machine.
 
-Runs ``python -m llamagym_pl.fit`` on experiments/blackjack.yaml twice — ``devices 1`` and
+Runs ``python -m llamagym_pl.fit`` on experiments/blackjack-generate.yaml twice — ``devices 1`` and
 ``strategy ddp, devices 2`` — with validation off, and reads the TensorBoard events back: the
 rollout rate (``rollout/env_steps_per_s``, the whole job's rate) and the end-to-end rate (env
 steps of all ranks per second of wall time between the first and the last epoch end).
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(devices: int, epochs: int, workdir: Path) -> dict[str, float]:
     cmd = [
         sys.executable, "-m", "llamagym_pl.fit",
-        "--config", str(ROOT / "experiments/blackjack.yaml"),
+        "--config", str(ROOT / "experiments/blackjack-generate.yaml"),
         "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -38,7 +38,7 @@ def run(devices: int, epochs: int, workdir: Path) -> dict[str, float]:
         cmd += ["--trainer.strategy", "ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, cwd=workdir, env=env, check=True, capture_output=True, timeout=1800)
-    acc = EventAccumulator(str(workdir / "runs/blackjack/v"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(workdir / "runs/blackjack-generate/v"), size_guidance={"scalars": 0})
     acc.Reload()
     steps = acc.Scalars("rollout/env_steps")  # logged at each epoch start, all ranks summed
     rates = [e.value for e in acc.Scalars("rollout/env_steps_per_s")]

@@ -1,4 +1,4 @@
-"""The whole fit loop, timed: ``llamagym_pl.fit`` on experiments/blackjack.yaml, validation off.
+"""The whole fit loop, timed: ``llamagym_pl.fit`` on experiments/blackjack-generate.yaml, validation off.
 
 Records the time, env steps and RSS at every epoch end; the long run's RSS trend is the memory
 check (a leak grows it epoch after epoch).
@@ -19,7 +19,7 @@ from typing import Any
 from bench.measure import peak_rss_mb, reset_peak_rss, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "experiments" / "blackjack.yaml"
+CONFIG = ROOT / "experiments" / "blackjack-generate.yaml"
 
 
 def fit_probe(epochs: int, overrides: list[str], workdir: str) -> dict[str, Any]:

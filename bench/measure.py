@@ -26,7 +26,7 @@ from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import RolloutCollector, RolloutStats
 from llamagym_pl.update import ppo_loss, score_rollout
 
-# experiments/blackjack.yaml's env and PPO settings (PPOModule's defaults for the rest).
+# experiments/blackjack-generate.yaml's env and PPO settings (PPOModule's defaults for the rest).
 ENV_ID, ENV_KWARGS = "Blackjack-v1", {"natural": False, "sab": False}
 MAX_NEW_TOKENS, INVALID_PENALTY = 4, -1.0
 GAMMA, GAE_LAMBDA, CLIP_COEF, VF_COEF, MAX_GRAD_NORM, LR = 1.0, 0.95, 0.2, 0.5, 1.0, 1e-3

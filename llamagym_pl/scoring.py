@@ -176,7 +176,9 @@ def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     ``batch`` holds the shared-prompt layout of :func:`candidate_batch`. Each prompt is encoded
     once: its last logits score every candidate's first token, and the candidates' remaining
     tokens run as (R, K - 1) on the prompt's KV cache (its rows repeated per candidate): with C
-    candidates per turn this costs about one prompt instead of C. The value of a turn is read at
+    candidates per turn this costs about one prompt instead of C. The prefix that all prompts
+    share (e.g. the system prompt, :func:`shared_prefix_length`) is encoded once per batch and
+    its cache repeated for every prompt. The value of a turn is read at
     its prompt's last token (it depends on the prompt only). Positions count real tokens only,
     as in the right-padded episode sequences.
 
@@ -189,28 +191,60 @@ def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     return _cached_forward(policy, batch)
 
 
+def shared_prefix_length(ids: Tensor, mask: Tensor) -> int:
+    """How many first tokens all N >= 2 left-padded prompts share (typically the system prompt),
+    at most the shortest prompt's length minus one: every prompt keeps a token of its own, where
+    its last logits and value are read. 0 for a single prompt."""
+    lengths = mask.sum(1)  # (N,)
+    k = int(lengths.min()) - 1
+    if ids.shape[0] < 2 or k < 1:
+        return 0
+    cols = (ids.shape[1] - lengths)[:, None] + torch.arange(k, device=ids.device)  # (N, k)
+    heads = ids.gather(1, cols)  # the first k real tokens of each prompt
+    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+
+
 def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     ids, mask, row_turn = batch["prompt_ids"], batch["prompt_mask"], batch["row_turn"]  # (N, P), (R,)
     cands, cand_mask = batch["candidate_ids"], batch["candidate_mask"]  # (R, K)
     cache_kw, keep_kw = _lm_kwargs(policy.lm)
+    last_only = {keep_kw: 1} if keep_kw else {}
     cache = DynamicCache()
+    n, p = ids.shape
+    shared = shared_prefix_length(ids, mask)
+    if shared:
+        # The prefix every prompt starts with runs once, (1, c); its cache rows are then repeated
+        # for the N prompts (index_select: in training its gradient sums over them).
+        first = p - int(mask[0].sum())
+        policy.lm(
+            input_ids=ids[:1, first : first + shared],
+            attention_mask=mask.new_ones(1, shared),
+            position_ids=torch.arange(shared, device=ids.device)[None],
+            use_cache=True,
+            **{cache_kw: cache, **last_only},
+        )
+        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=ids.device))  # (1, ...) -> (N, ...)
+        # Left padded, each prompt's rest is its last (length - c) columns: drop c columns at the
+        # left and the mask is the old mask's first P - c columns.
+        ids, mask = ids[:, shared:], mask[:, : p - shared]
+    past = mask.new_ones(n, shared)  # (N, c) the shared prefix, in the cache
     out = policy.lm(
         input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        attention_mask=torch.cat([past, mask], 1),
+        position_ids=shared + (mask.cumsum(1) - 1).clamp(min=0),
         use_cache=True,
         output_hidden_states=True,
-        **{cache_kw: cache, **({keep_kw: 1} if keep_kw else {})},
+        **{cache_kw: cache, **last_only},
     )
     values = policy.value_head(out.hidden_states[-1][:, -1])  # (N,)
     sums = ppo.token_logprobs(out.logits[:, -1][row_turn], cands[:, 0])  # (R,)
     rest = cands.shape[1] - 1
     if rest > 0:
         cache.reorder_cache(row_turn)  # (N, ...) -> (R, ...): each candidate gets its prompt's rows
-        positions = mask.sum(1)[row_turn, None] + torch.arange(rest, device=ids.device)  # (R, K - 1)
+        positions = shared + mask.sum(1)[row_turn, None] + torch.arange(rest, device=ids.device)  # (R, K - 1)
         logits = policy.lm(
             input_ids=cands[:, :-1],
-            attention_mask=torch.cat([mask[row_turn], cand_mask[:, :-1].long()], 1),
+            attention_mask=torch.cat([past[row_turn], mask[row_turn], cand_mask[:, :-1].long()], 1),
             position_ids=positions,
             use_cache=True,
             **{cache_kw: cache},

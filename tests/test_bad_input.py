@@ -34,7 +34,7 @@ from llamagym_pl.rollout import RolloutCollector, rollout_metrics
 from llamagym_pl.tb import read_scalars
 from llamagym_pl.tiny_model import build_tiny_model
 
-CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack-generate.yaml"
 FLAKY_ENV = "LlamaGymTest/FlakyBlackjack-v0"
 
 

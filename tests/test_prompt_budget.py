@@ -320,7 +320,7 @@ def fit_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
         "--model.name_or_path", str(model_dir),
         "--data.num_envs", "4",
         "--data.steps_per_env", "4",
-        "--data.max_prompt_tokens", "50",
+        "--data.max_prompt_tokens", "40",
         "--model.num_minibatches", "2",
         "--model.update_epochs", "1",
         "--trainer.max_epochs", "2",
@@ -361,10 +361,10 @@ def test_too_small_a_budget_stops_fit_with_one_line(
 ) -> None:
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tiny_model_dir, tmp_path, "--data.max_prompt_tokens", "30"))
+        main(fit_args(tiny_model_dir, tmp_path, "--data.max_prompt_tokens", "20"))
     message = exit_info.value.code
     assert isinstance(message, str) and "Traceback" not in message
     assert message.startswith(
-        "llamagym_pl.fit: error: data.max_prompt_tokens=30 cannot hold the system prompt"
+        "llamagym_pl.fit: error: data.max_prompt_tokens=20 cannot hold the system prompt"
     )
-    assert "raise data.max_prompt_tokens to at least 37" in message
+    assert "raise data.max_prompt_tokens to at least 29" in message

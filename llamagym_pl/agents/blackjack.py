@@ -22,7 +22,9 @@ class BlackjackAgent(Agent):
     action_names = ["stick", "hit"]  # STICK, HIT: the candidates of data.policy: score
 
     def get_system_prompt(self) -> str:
-        return "You are an expert blackjack player. Answer with one word: hit or stick."
+        # Short: every token of it is encoded at every step (a from-scratch model gains nothing
+        # from a persona; a pretrained chat model understands this just as well).
+        return "Play blackjack. Answer hit or stick."
 
     def format_observation(self, observation: Any) -> str:
         player, dealer, usable_ace = observation

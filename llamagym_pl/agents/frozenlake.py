@@ -1,0 +1,43 @@
+"""An agent for Gymnasium's ``FrozenLake-v1``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llamagym_pl.agent import Agent
+
+# FrozenLake's action order: 0 left, 1 down, 2 right, 3 up.
+_WORDS = {"left": 0, "down": 1, "right": 2, "up": 3}
+DEFAULT_SYSTEM_PROMPT = "Walk on the frozen lake to the goal. Answer with one word: left, down, right or up."
+
+
+class FrozenLakeAgent(Agent):
+    """Walks the lake by answering ``left``, ``down``, ``right`` or ``up``.
+
+    Observations are the cell index ``row * ncol + col``; the text names the row and column
+    (``ncol`` defaults to 4, the 4x4 map). Only the position is said, not the map: the agent
+    learns where the holes are from the rewards.
+    """
+
+    action_names = ["left", "down", "right", "up"]  # in the env's action order
+
+    def __init__(self, *args: Any, ncol: int = 4, system_prompt: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if ncol < 1:
+            raise ValueError(f"ncol={ncol} must be >= 1 (the map's width, 4 for the 4x4 map)")
+        self.ncol = ncol
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+
+    def get_system_prompt(self) -> str:
+        return self.system_prompt
+
+    def format_observation(self, observation: Any) -> str:
+        row, col = divmod(int(observation), self.ncol)
+        return f"You are at row {row}, column {col}."
+
+    def extract_action(self, response: str) -> int:
+        for word in re.findall(r"[a-z]+", response.lower()):
+            if word in _WORDS:
+                return _WORDS[word]
+        raise ValueError(f"no direction (left/down/right/up) in reply {response!r}")
