@@ -75,7 +75,6 @@ class LlamaGymCLI(LightningCLI):
             }
         )
 
-
     def before_instantiate_classes(self) -> None:
         threads = self.config.get("torch_num_threads")
         if threads is not None:
