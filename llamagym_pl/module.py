@@ -236,10 +236,12 @@ class PPOModule(L.LightningModule):
             checkpoint["state_dict"] = drop_frozen(self, checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        source = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
-        check_checkpoint_fits(self, checkpoint, source)
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        if "state_dict" not in checkpoint:
+            return  # FSDP's strategy has loaded (and removed) the weights itself
+        source = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        check_checkpoint_fits(self, checkpoint, source)
         if self.hparams.lora_r > 0:
             # The frozen base was rebuilt from name_or_path in __init__: keep its weights.
             checkpoint["state_dict"] = fill_frozen(self, checkpoint["state_dict"])

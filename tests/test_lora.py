@@ -207,3 +207,13 @@ def test_lora_experiment_config_and_a_short_resumed_fit(tiny_model_dir: Path, tm
     assert float(resumed.trainer.callback_metrics["train/kl_coef"]) == pytest.approx(
         saved["kl_controller"]["kl_coef"]
     )
+
+
+def test_checkpoint_without_weights_restores_the_kl_controller(tiny_model_dir: Path) -> None:
+    """FSDP's strategy loads the weights itself and removes ``state_dict`` before the module's
+    hook runs: the hook must still restore the KL controller, and not fail on the missing key."""
+    module = PPOModule(name_or_path=str(tiny_model_dir), lora_r=4, kl_coef=0.1, target_kl_ref=1.0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module.on_load_checkpoint({"kl_controller": {"kl_coef": 0.321}})
+    assert module.kl_ctl.value == 0.321
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
