@@ -15,9 +15,14 @@ DEFAULT_SYSTEM_PROMPT = "Walk on the frozen lake to the goal. Answer with one wo
 class FrozenLakeAgent(Agent):
     """Walks the lake by answering ``left``, ``down``, ``right`` or ``up``.
 
-    Observations are the cell index ``row * ncol + col``; the text names the row and column
-    (``ncol`` defaults to 4, the 4x4 map). Only the position is said, not the map: the agent
-    learns where the holes are from the rewards.
+    Observations are the cell index ``row * ncol + col``; the text names the row, the column
+    and the cell (``ncol`` defaults to 4, the 4x4 map). Only the position is said, not the map:
+    the agent learns where the holes are from the rewards.
+
+    Args:
+        ncol: the map's width.
+        system_prompt: the system message (None: the default instruction, for chat models; ""
+            sends none, which keeps the tiny model's prompts short and its state easy to read).
     """
 
     action_names = ["left", "down", "right", "up"]  # in the env's action order
@@ -33,8 +38,12 @@ class FrozenLakeAgent(Agent):
         return self.system_prompt
 
     def format_observation(self, observation: Any) -> str:
-        row, col = divmod(int(observation), self.ncol)
-        return f"You are at row {row}, column {col}."
+        cell = int(observation)
+        row, col = divmod(cell, self.ncol)
+        # The cell number too: one token that tells the position apart. With row and column
+        # alone a small model trained from scratch generalizes along the row and plays the same
+        # move on (2, 0), where down falls into a hole, as on (2, 1), where down is best.
+        return f"You are at row {row}, column {col} (cell {cell})."
 
     def extract_action(self, response: str) -> int:
         for word in re.findall(r"[a-z]+", response.lower()):
