@@ -24,6 +24,7 @@ from llamagym_pl.guards import (
     LlamaGymError,
     check_ckpt_path,
     check_config,
+    defer_interrupts,
     one_line_errors,
 )
 from llamagym_pl.module import PPOModule
@@ -116,6 +117,7 @@ SETUP_ERRORS = (ValueError, TypeError, OSError, LlamaGymError, MisconfigurationE
 def main(argv: list[str] | None = None) -> None:
     with one_line_errors("llamagym_pl.fit", SETUP_ERRORS):
         cli = build_cli(argv, run_fit=False)
+    defer_interrupts()  # Ctrl-C stops at the next step, where shutting down is safe
     with one_line_errors("llamagym_pl.fit", (LlamaGymError,)):
         fit(cli)
 

@@ -20,7 +20,9 @@ import difflib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -277,6 +279,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(fd)
 
 
+_interrupt_requested = False
+
+
+def _defer_sigint(signum: int, frame: Any) -> None:
+    global _interrupt_requested
+    if _interrupt_requested:
+        raise KeyboardInterrupt  # a second Ctrl-C: at once
+    _interrupt_requested = True
+
+
+def defer_interrupts() -> None:
+    """Deliver Ctrl-C at the next safe point (:func:`raise_if_interrupted`: every training step and
+    every rollout step) rather than wherever the signal lands.
+
+    A ``KeyboardInterrupt`` raised inside library code can leave it broken for the shutdown that
+    follows (e.g. a lock of TensorBoard's writer queue taken and never released, so the final
+    flush waits forever). A second Ctrl-C interrupts at once. Installed by ``llamagym_pl.fit``.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _defer_sigint)
+
+
+def raise_if_interrupted() -> None:
+    """Raise the ``KeyboardInterrupt`` that a deferred Ctrl-C asked for, if any."""
+    global _interrupt_requested
+    if _interrupt_requested:
+        _interrupt_requested = False
+        raise KeyboardInterrupt
+
+
 class InterruptCheckpoint(L.Callback):
     """On Ctrl-C, save ``interrupted.ckpt`` beside ``last.ckpt`` before Lightning exits (status 1).
 
@@ -288,6 +320,11 @@ class InterruptCheckpoint(L.Callback):
     """
 
     FILENAME = "interrupted.ckpt"
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        raise_if_interrupted()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

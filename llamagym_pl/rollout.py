@@ -18,7 +18,7 @@ import torch
 
 from llamagym_pl.agent import Agent
 from llamagym_pl.chat import Message, PromptBudgetError, build_messages, encode_prompts, prompt_start
-from llamagym_pl.guards import ConfigError, EnvFaults, check_context
+from llamagym_pl.guards import ConfigError, EnvFaults, check_context, raise_if_interrupted
 
 InvalidActionPolicy = Literal["random", "fixed"]
 
@@ -204,6 +204,7 @@ class RolloutCollector:
         policy.eval()
         try:
             while True:
+                raise_if_interrupted()  # a deferred Ctrl-C (see guards.defer_interrupts)
                 active = [i for i in range(self.num_envs) if current[i] is not None and has_budget(i)]
                 if not active:
                     break

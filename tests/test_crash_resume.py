@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llamagym_pl.fit import build_cli
-from llamagym_pl.guards import AtomicCheckpointIO, InterruptCheckpoint
+from llamagym_pl.guards import AtomicCheckpointIO, InterruptCheckpoint, defer_interrupts, raise_if_interrupted
 from llamagym_pl.tb import read_scalars
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack.yaml"
@@ -170,3 +170,24 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_ctrl_c_is_delivered_at_the_next_safe_point() -> None:
+    """The first SIGINT only asks for a stop, raised by raise_if_interrupted (each training step
+    and rollout step); a second one interrupts at once."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        defer_interrupts()
+        os.kill(os.getpid(), signal.SIGINT)  # handled right here: must not raise yet
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+        raise_if_interrupted()  # delivered once
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second press
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        try:
+            raise_if_interrupted()
+        except KeyboardInterrupt:
+            pass
