@@ -21,6 +21,7 @@ from typing import Any
 import gymnasium as gym
 import pytest
 import torch
+from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
 import llamagym_pl
@@ -54,22 +55,7 @@ def _short_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     """A tiny run: 4 envs x 4 turns, 2 minibatches, 1 epoch, logs and checkpoints under ``out``."""
-    return [
-        "--config", str(CONFIG),
-        "--model.name_or_path", str(model_dir),
-        "--data.num_envs", "4",
-        "--data.steps_per_env", "4",
-        "--model.num_minibatches", "2",
-        "--model.update_epochs", "1",
-        "--trainer.max_epochs", "1",
-        "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--checkpoint.dirpath", str(out / "ckpt"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.eval_episodes", "8",
-        "--data.eval_num_envs", "4",
-        *extra,
-    ]  # fmt: skip
+    return tiny_run_args(CONFIG, model_dir, out, *extra)
 
 
 def parse_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

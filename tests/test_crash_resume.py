@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from run_args import tiny_run_args
 
 from llamagym_pl.fit import build_cli
 from llamagym_pl.guards import AtomicCheckpointIO, InterruptCheckpoint, defer_interrupts, raise_if_interrupted
@@ -37,22 +38,11 @@ def _one_thread() -> Iterator[None]:
 
 def command(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "llamagym_pl.fit",
-        "--config", str(CONFIG),
-        "--model.name_or_path", str(model_dir),
-        "--data.num_envs", "4",
-        "--data.steps_per_env", "4",
-        "--model.num_minibatches", "2",
-        "--model.update_epochs", "1",
-        "--trainer.max_epochs", str(EPOCHS),
-        "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--checkpoint.dirpath", str(out / "ckpt"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.eval_episodes", "8",
-        "--data.eval_num_envs", "4",
-        *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "llamagym_pl.fit",
+        *tiny_run_args(CONFIG, model_dir, out, *extra, epochs=EPOCHS),
+    ]
 
 
 def environment() -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from run_args import tiny_run_args
 
 from llamagym_pl.datamodule import RolloutDataModule
 from llamagym_pl.fit import LlamaGymCLI, build_cli
@@ -72,27 +73,10 @@ class Run:
 
 def fit(model_dir: Path, out: Path, *extra: str, epochs: int = 2) -> Run:
     """A tiny run logging under ``out/runs`` and checkpointing to ``out/ckpt``."""
-    ckpt_dir = out / "ckpt"
-    args = [
-        "--config", str(CONFIG),
-        "--model.name_or_path", str(model_dir),
-        "--data.num_envs", "4",
-        "--data.steps_per_env", "4",
-        "--model.num_minibatches", "2",
-        "--model.update_epochs", "1",
-        # A linear schedule depends on max_epochs, which differs between a 4-epoch run and a
-        # 2-epoch run resumed to 4; the comparisons below need the same LR in both.
-        "--model.lr_schedule", "constant",
-        "--trainer.max_epochs", str(epochs),
-        "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--checkpoint.dirpath", str(ckpt_dir),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.eval_episodes", "8",
-        "--data.eval_num_envs", "4",
-        *extra,
-    ]  # fmt: skip
-    return Run(build_cli(args=args), ckpt_dir)
+    # A linear schedule depends on max_epochs, which differs between a 4-epoch run and a 2-epoch
+    # run resumed to 4; the comparisons below need the same LR in both.
+    args = tiny_run_args(CONFIG, model_dir, out, "--model.lr_schedule", "constant", *extra, epochs=epochs)
+    return Run(build_cli(args=args), out / "ckpt")
 
 
 def deterministic(scalars: Scalars) -> Scalars:

@@ -11,6 +11,7 @@ from typing import Any
 import gymnasium as gym
 import pytest
 import torch
+from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
@@ -315,24 +316,8 @@ def test_imperative_loop_keeps_to_the_budget(tiny_model_dir: Path) -> None:
 def fit_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     """A tiny 2-epoch Blackjack run whose prompts hold one observation: every later turn of an
     episode drops the earlier ones."""
-    return [
-        "--config", str(CONFIG),
-        "--model.name_or_path", str(model_dir),
-        "--data.num_envs", "4",
-        "--data.steps_per_env", "4",
-        "--data.max_prompt_tokens", "40",
-        "--model.num_minibatches", "2",
-        "--model.update_epochs", "1",
-        "--trainer.max_epochs", "2",
-        "--trainer.check_val_every_n_epoch", "2",
-        "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--checkpoint.dirpath", str(out / "ckpt"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--data.eval_episodes", "8",
-        "--data.eval_num_envs", "4",
-        *extra,
-    ]  # fmt: skip
+    budget = ("--data.max_prompt_tokens", "40", "--trainer.check_val_every_n_epoch", "2")
+    return tiny_run_args(CONFIG, model_dir, out, *budget, *extra, epochs=2)
 
 
 def scalars(cli: Any) -> dict[str, list[tuple[int, float]]]:
