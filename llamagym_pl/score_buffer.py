@@ -1,8 +1,8 @@
-"""Scored-action rollouts as tensors: every turn's candidates as prompt + candidate rows.
+"""Scored-action rollouts as tensors: every turn's prompt once, then its candidates.
 
-Layout (N turns, R candidate rows, S tokens): ``input_ids`` (R, S), right padded; row
-``first_row[n] + k`` is the prompt of turn ``n`` (``prompt_lengths[n]`` tokens) followed by its
-candidate ``k``. Minibatches (:func:`score_minibatch`) hold each prompt once. The
+Layout (N turns, R candidate rows): :func:`~llamagym_pl.scoring.candidate_batch`'s, each prompt
+once: ``prompt_ids``/``prompt_mask`` (N, P) left padded, ``candidate_ids``/``candidate_mask``
+(R, K) right padded; row ``first_row[n] + k`` is candidate ``k`` of turn ``n``. The
 episode sequences of the same rollout (:class:`~llamagym_pl.buffer.RolloutBuffer`) give the
 turn values and advantages, exactly as for generated replies; turn ``n`` is turn
 ``turn_step[n]`` of episode ``turn_episode[n]`` there.
@@ -17,26 +17,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from llamagym_pl.buffer import RolloutBuffer, _padded
+from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import build_messages
 from llamagym_pl.rollout import Episode
-from llamagym_pl.scoring import ScoreNormalization, encode_candidates, row_layout, word_count
+from llamagym_pl.scoring import ScoreNormalization, candidate_batch, encode_candidates, row_layout, word_count
 
 
 @dataclass
 class ScoreBuffer:
     episodes: RolloutBuffer
     normalization: ScoreNormalization
-    pad_token_id: int
-    input_ids: Tensor  # (R, S)
-    lengths: Tensor  # (R,)
-    num_tokens: Tensor  # (R,)
+    prompt_ids: Tensor  # (N, P) left padded
+    prompt_mask: Tensor  # (N, P)
+    candidate_ids: Tensor  # (R, K) right padded
+    candidate_mask: Tensor  # (R, K) bool
     num_words: Tensor  # (R,)
     first_row: Tensor  # (N,)
     num_candidates: Tensor  # (N,)
     chosen: Tensor  # (N,) index of the played candidate
-    prompt_lengths: Tensor  # (N,)
-    turn_lengths: Tensor  # (N,) the longest row of the turn (minibatches group similar lengths)
+    turn_lengths: Tensor  # (N,) prompt + longest candidate (minibatches group similar lengths)
     turn_episode: Tensor  # (N,)
     turn_step: Tensor  # (N,)
     old_logprobs: Tensor | None = None  # (N,) log pi(chosen), filled by score_update.score_candidates
@@ -81,24 +80,23 @@ def build_score_buffer(
                 f"episode {e}, turn {t}: the generation prompt does not tokenize to the prefix of the "
                 "episode's sequence (the chat template is not prefix-stable)"
             )
-    rows = [(enc.prompt_ids, cand) for enc in encoded for cand in enc.candidate_ids]
-    length = max(len(p) + len(c) for p, c in rows)
-    counts = [len(enc.candidate_ids) for enc in encoded]
-    row_turn, _ = row_layout(counts)
-    lengths = torch.tensor([len(p) + len(c) for p, c in rows])
+    layout = candidate_batch(encoded, tokenizer.pad_token_id)
+    counts = torch.tensor([len(enc.candidate_ids) for enc in encoded])
+    longest = torch.zeros(len(turns), dtype=torch.long).scatter_reduce(
+        0, layout["row_turn"], layout["candidate_mask"].sum(1), "amax"
+    )
     return ScoreBuffer(
         episodes=episode_buffer,
         normalization=normalization,
-        pad_token_id=tokenizer.pad_token_id,
-        input_ids=_padded([p + c for p, c in rows], length, tokenizer.pad_token_id, torch.long),
-        lengths=lengths,
-        num_tokens=torch.tensor([len(c) for _, c in rows]),
+        prompt_ids=layout["prompt_ids"],
+        prompt_mask=layout["prompt_mask"],
+        candidate_ids=layout["candidate_ids"],
+        candidate_mask=layout["candidate_mask"],
         num_words=torch.tensor([word_count(c) for cands in candidates for c in cands]),
-        first_row=torch.cumsum(torch.tensor(counts), 0) - torch.tensor(counts),
-        num_candidates=torch.tensor(counts),
+        first_row=torch.cumsum(counts, 0) - counts,
+        num_candidates=counts,
         chosen=torch.tensor([episodes[e].chosen[t] for e, t in turns]),
-        prompt_lengths=torch.tensor([len(enc.prompt_ids) for enc in encoded]),
-        turn_lengths=torch.zeros(len(turns), dtype=torch.long).scatter_reduce(0, row_turn, lengths, "amax"),
+        turn_lengths=layout["prompt_mask"].sum(1) + longest,
         turn_episode=torch.tensor([e for e, _ in turns]),
         turn_step=torch.tensor([t for _, t in turns]),
     )
@@ -116,24 +114,17 @@ def score_minibatch(buf: ScoreBuffer, index: Sequence[int]) -> dict[str, Tensor]
     counts = buf.num_candidates[idx]  # (N,)
     row_turn, row_slot = row_layout(counts.tolist())  # (R,), (R,)
     rows = buf.first_row[idx][row_turn] + row_slot  # (R,)
-    prompt_len = buf.prompt_lengths[idx]  # (N,)
-    p = int(prompt_len.max())
-    # Left padding: column j of turn n reads token j - (P - prompt_len[n]) of its first row.
-    col = torch.arange(p) - (p - prompt_len[:, None])  # (N, P)
-    prompt_mask = col >= 0
-    prompt_ids = buf.input_ids[buf.first_row[idx]].gather(1, col.clamp(min=0))
-    cand_len = buf.lengths[rows] - prompt_len[row_turn]  # (R,)
-    k = int(cand_len.max())
-    cand_col = prompt_len[row_turn, None] + torch.arange(k)  # (R, K)
-    cand_mask = torch.arange(k) < cand_len[:, None]
-    cand_ids = buf.input_ids[rows].gather(1, cand_col.clamp(max=buf.input_ids.shape[1] - 1))
-    pad = buf.pad_token_id
+    # Trim to this minibatch's longest prompt (left padded: its last columns) and candidate.
+    prompt_mask = buf.prompt_mask[idx]
+    p = int(prompt_mask.sum(1).max())
+    candidate_mask = buf.candidate_mask[rows]
+    k = int(candidate_mask.sum(1).max())
     batch = {
-        "prompt_ids": torch.where(prompt_mask, prompt_ids, pad),
-        "prompt_mask": prompt_mask.long(),
-        "candidate_ids": torch.where(cand_mask, cand_ids, pad),
-        "candidate_mask": cand_mask,
-        "num_tokens": buf.num_tokens[rows],
+        "prompt_ids": buf.prompt_ids[idx, -p:],
+        "prompt_mask": prompt_mask[:, -p:],
+        "candidate_ids": buf.candidate_ids[rows, :k],
+        "candidate_mask": candidate_mask[:, :k],
+        "num_tokens": candidate_mask.sum(1),
         "num_words": buf.num_words[rows],
         "row_turn": row_turn,
         "row_slot": row_slot,

@@ -259,8 +259,9 @@ def test_score_mode_scores_candidates_on_budgeted_prompts(
     buf = build_score_buffer(tiny_tokenizer, episodes, episode_buf, "token")  # checks its prefixes
     for n in range(len(buf)):
         e, t = int(buf.turn_episode[n]), int(buf.turn_step[n])
-        assert int(buf.prompt_lengths[n]) == len(prompt_ids(tiny_tokenizer, episodes[e], t))
-        assert int(buf.prompt_lengths[n]) - 1 == int(episode_buf.value_positions[e, t])
+        length = int(buf.prompt_mask[n].sum())
+        assert buf.prompt_ids[n, -length:].tolist() == prompt_ids(tiny_tokenizer, episodes[e], t)
+        assert length - 1 == int(episode_buf.value_positions[e, t])
 
 
 def test_too_small_a_budget_names_the_setting(
