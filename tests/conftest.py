@@ -7,10 +7,11 @@ too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -150,3 +151,13 @@ def nosystem_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTo
 def tiny_policy(tiny_model_dir: Path) -> PolicyWithValueHead:
     """A fresh tiny policy (LM + value head) per test: tests may train it or switch its mode."""
     return PolicyWithValueHead(load_causal_lm(str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a test module: the models are tiny and the machine is shared, so a
+    second thread only spins (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,7 +14,6 @@ import math
 import pickle
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack-genera
 FLAKY_ENV = "LlamaGymTest/FlakyBlackjack-v0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The models are tiny and the machine is shared: a second thread only spins.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

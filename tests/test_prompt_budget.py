@@ -4,7 +4,6 @@ episodes. Hand-checked buffer rows, the rollout, score mode, the imperative loop
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,7 @@ CORRIDOR = "LlamaGymTest/Corridor-v0"
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The models are tiny and the machine is shared: a second thread only spins.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_episodes() -> list[Episode]:
