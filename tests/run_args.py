@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def tiny_run_args(config: Path, model_dir: Path, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+def tiny_run_args(config: Path, model_dir: Path | None, out: Path, *extra: str, epochs: int = 1) -> list[str]:
     """``fit`` arguments for a tiny run of ``config``: 4 envs x 4 turns, 2 minibatches, 1 update
-    epoch, an 8-episode evaluation, logs under ``out/runs`` and checkpoints in ``out/ckpt``.
-    ``extra`` come last, so they override any of these (LightningCLI keeps a flag's last value)."""
+    epoch, an 8-episode evaluation, logs under ``out/runs`` and checkpoints in ``out/ckpt``; the
+    model is ``model_dir`` (None: the config's). ``extra`` come last, so they override any of
+    these (LightningCLI keeps a flag's last value)."""
+    model = ["--model.name_or_path", str(model_dir)] if model_dir is not None else []
     return [
         "--config", str(config),
-        "--model.name_or_path", str(model_dir),
+        *model,
         "--data.num_envs", "4",
         "--data.steps_per_env", "4",
         "--model.num_minibatches", "2",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl.agents import FrozenLakeAgent
@@ -93,22 +94,11 @@ def prompt_length(
 
 
 def test_tiny_fit_plays_whole_episodes_within_the_prompt_budget(tiny_model_dir: Path, tmp_path: Path) -> None:
-    args = [
-        "--config", str(CONFIG),
-        "--model.name_or_path", str(tiny_model_dir),
-        "--data.num_envs", "4",
-        "--data.steps_per_env", "24",
-        "--model.num_minibatches", "2",
-        "--model.update_epochs", "1",
-        "--trainer.max_epochs", "2",
-        "--trainer.check_val_every_n_epoch", "2",
-        "--data.eval_episodes", "4",
-        "--data.eval_num_envs", "4",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-    ]  # fmt: skip
+    args = tiny_run_args(
+        *(CONFIG, tiny_model_dir, tmp_path, "--data.steps_per_env", "24"),
+        *("--trainer.check_val_every_n_epoch", "2", "--data.eval_episodes", "4"),
+        epochs=2,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: a second thread only waits for a busy core
     try:

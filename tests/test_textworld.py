@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from run_args import tiny_run_args
 from transformers import AutoTokenizer
 
 pytest.importorskip("textworld", reason="TextWorld is optional: pip install -e '.[textworld]'")
@@ -188,24 +189,19 @@ def test_fit_and_evaluate_in_process(policy: str, tw_cache: Path, tmp_path: Path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model on a shared CPU (see tests/test_fit.py)
     try:
-        args = [
-            "--config", str(CONFIG),
-            "--data.policy", policy,
-            "--data.max_new_tokens", "4",
-            "--data.num_envs", "2",
-            "--data.steps_per_env", "3",
-            "--data.max_episode_steps", "4",
-            "--model.num_minibatches", "2",
-            "--model.update_epochs", "1",
-            "--trainer.max_epochs", "2",
-            "--trainer.check_val_every_n_epoch", "1",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-            "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--data.eval_episodes", "2",
-            "--data.eval_num_envs", "2",
-        ]  # fmt: skip
+        args = tiny_run_args(
+            *(CONFIG, None, tmp_path, "--data.policy", policy, "--data.max_new_tokens", "4"),
+            *("--data.num_envs", "2", "--data.steps_per_env", "3", "--data.max_episode_steps", "4"),
+            *(
+                "--trainer.check_val_every_n_epoch",
+                "1",
+                "--data.eval_episodes",
+                "2",
+                "--data.eval_num_envs",
+                "2",
+            ),
+            epochs=2,
+        )
         cli = build_cli(args=args)
         scalars = read_scalars(Path(cli.trainer.logger.log_dir))
         for tag in ("rollout/invalid_action_rate", "train/policy_loss", "train/entropy", "eval/return_mean"):
