@@ -18,7 +18,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from llamagym_pl.buffer import build_buffer, minibatch
+from llamagym_pl.buffer import RolloutBuffer, build_buffer, minibatch
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import Episode
 from llamagym_pl.update import score_rollout
@@ -109,3 +109,9 @@ def save_checkpoint(module: L.LightningModule, path: Path) -> Path:
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return path
+
+
+def turn_text(tokenizer: PreTrainedTokenizerBase, buf: RolloutBuffer, row: int, turn: int) -> str:
+    """The text of turn ``turn``'s reply tokens in buffer row ``row``."""
+    ids = buf.input_ids[row][buf.turn_index[row] == turn].tolist()
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import turn_text
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
@@ -27,18 +28,13 @@ def make_episodes() -> list[Episode]:
     ]
 
 
-def _turn_text(tokenizer: PreTrainedTokenizerBase, buf: RolloutBuffer, row: int, turn: int) -> str:
-    ids = buf.input_ids[row][buf.turn_index[row] == turn].tolist()
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 @pytest.mark.parametrize("fixture", ["tiny_tokenizer", "llama2_tokenizer", "chatml_tokenizer"])
 def test_action_tokens_decode_to_responses(fixture: str, request: pytest.FixtureRequest) -> None:
     tokenizer = request.getfixturevalue(fixture)
     episodes = make_episodes()
     buf = build_buffer(tokenizer, episodes)
     for row, ep in enumerate(episodes):
-        assert [_turn_text(tokenizer, buf, row, t) for t in range(ep.num_turns)] == ep.responses
+        assert [turn_text(tokenizer, buf, row, t) for t in range(ep.num_turns)] == ep.responses
         assert torch.equal(buf.action_mask[row], buf.turn_index[row] >= 0)
         for t in range(ep.num_turns):
             first = int((buf.turn_index[row] == t).nonzero()[0])

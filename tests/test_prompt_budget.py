@@ -10,13 +10,14 @@ from typing import Any
 import gymnasium as gym
 import pytest
 import torch
+from model_helpers import turn_text
 from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.agents.blackjack import HIT
-from llamagym_pl.buffer import RolloutBuffer, build_buffer, minibatch
+from llamagym_pl.buffer import build_buffer, minibatch
 from llamagym_pl.chat import build_messages, encode_text, fit_to_budget, render
 from llamagym_pl.fit import build_cli, main
 from llamagym_pl.guards import DEBUG_ENV, ConfigError
@@ -52,11 +53,6 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, ep: Episode, t: int) -> list[
     s = ep.prompt_start[t] if ep.prompt_start else 0
     messages = build_messages(tokenizer, ep.system_prompt, ep.observations[s : t + 1], ep.responses[s:t])
     return encode_text(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
-
-
-def turn_text(tokenizer: PreTrainedTokenizerBase, buf: RolloutBuffer, row: int, turn: int) -> str:
-    ids = buf.input_ids[row][buf.turn_index[row] == turn].tolist()
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("fixture", ["tiny_tokenizer", "chatml_tokenizer", "nosystem_tokenizer"])
