@@ -240,14 +240,18 @@ def minibatch(buf: RolloutBuffer, index: Sequence[int]) -> dict[str, Tensor]:
     # Turn k of each row is turn row_first_turn + k of its episode; past the row's turns (masked
     # out) any valid index will do.
     step = (buf.row_first_turn[idx, None] + k).clamp(max=buf.turn_mask.shape[1] - 1)  # (B, T')
+    turn_mask = k < buf.row_num_turns[idx, None]  # (B, T')
+    # A padding turn must read a position inside its own row: the episode's later turns may sit in
+    # another, longer row, past this minibatch's trimmed length (an out-of-bounds gather).
+    value_positions = torch.where(turn_mask, buf.value_positions[episode[:, None], step], 0)  # (B, T')
     return {
         "input_ids": buf.input_ids[idx, :length],
         "attention_mask": buf.attention_mask[idx, :length],
         "action_mask": buf.action_mask[idx, :length],
         "old_logprobs": buf.old_logprobs[idx, :length],
         "token_advantages": token_adv,
-        "value_positions": buf.value_positions[episode[:, None], step],
-        "turn_mask": k < buf.row_num_turns[idx, None],
+        "value_positions": value_positions,
+        "turn_mask": turn_mask,
         "old_values": buf.old_values[episode[:, None], step],
         "returns": buf.returns[episode[:, None], step],
     }

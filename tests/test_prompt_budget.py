@@ -26,7 +26,7 @@ from llamagym_pl.rollout import Episode, RolloutCollector
 from llamagym_pl.score_buffer import build_score_buffer
 from llamagym_pl.scoring_rollout import ScoringCollector
 from llamagym_pl.tb import read_scalars
-from llamagym_pl.update import score_rollout
+from llamagym_pl.update import ppo_loss, score_rollout
 
 SYSTEM = "you are an expert blackjack player ."
 OBS = [f"your sum is {12 + i} ." for i in range(5)]
@@ -343,3 +343,33 @@ def test_too_small_a_budget_stops_fit_with_one_line(
         "llamagym_pl.fit: error: data.max_prompt_tokens=20 cannot hold the system prompt"
     )
     assert "raise data.max_prompt_tokens to at least 29" in message
+
+
+def test_every_minibatch_of_mixed_row_layouts_trains(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Regression (issue #12, item 3): a row's turn padding must not read another row's positions.
+
+    Episode 0 is split into rows (turns 0-1 | 2-3) with a long turn-2 observation, so its turn-2
+    value position lies far past row 0's end; episode 1 has 3 turns in one short row. A minibatch
+    of row 0 and episode 1 is trimmed to their length, and padding turn 2 of row 0 used to point
+    at episode 0's turn 2 in row 1: `index out of bounds` in the value gather (a device-side
+    assert on CUDA).
+    """
+    long_obs = [OBS[0], OBS[1], " ".join(["your sum is 20 ."] * 12), OBS[3], OBS[4]]
+    episodes = [
+        Episode(SYSTEM, long_obs, RESP, [0.0] * 4, [False] * 4, 0.0, prompt_start=[0, 0, 1, 1, 3]),
+        Episode(SYSTEM, OBS[:3], RESP[:3], [0.0, 0.0, 1.0], [False] * 3, 1.0, terminated=True),
+        Episode(SYSTEM, OBS[:1], RESP[:1], [-1.0], [False], -1.0, terminated=True),
+    ]
+    buf = build_buffer(tiny_tokenizer, episodes)
+    score_rollout(tiny_policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=8)
+    rows = range(buf.num_train_rows)
+    assert buf.num_train_rows == 4
+    for index in [[a, b] for a in rows for b in rows if a != b] + [list(rows)]:
+        batch = minibatch(buf, index)
+        loss, _ = ppo_loss(tiny_policy, batch, 0.2, True, 0.5, 0.0, True)
+        assert torch.isfinite(loss), index
+        # Padding turns read position 0 of their own row (any valid index; masked out of the loss).
+        assert (batch["value_positions"][~batch["turn_mask"]] == 0).all()
+        assert int(batch["value_positions"].max()) < batch["input_ids"].shape[1]
