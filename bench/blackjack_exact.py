@@ -129,7 +129,7 @@ def greedy_actions(config: str, ckpt_path: str) -> dict[tuple[int, int, int], in
         logits = prompt_logits(sums, encoded, candidates, data.hparams.score_normalization)
         return dict(zip(OBSERVATIONS, logits.argmax(-1).tolist(), strict=True))
     # Generate mode: the greedy reply as evaluation generates it, parsed (-1: invalid).
-    replies, _, _ = data.make_collector(1)._generate(policy, tokenizer, conversations, greedy=True)
+    replies = data.make_collector(1).generate(policy, tokenizer, conversations, greedy=True).texts
     actions = {}
     for obs, reply in zip(OBSERVATIONS, replies, strict=True):
         try:

@@ -1,14 +1,20 @@
-"""Turn a list of text episodes into padded tensors, and serve PPO minibatches from them.
+"""Turn a rollout's episodes into padded tensors, and serve PPO minibatches from them.
+
+Token in, token out: rows are built from the token ids the policy was fed and produced
+(``Episode.prompt_ids``/``response_ids``), never from a re-tokenization of the decoded text, so
+the tokens trained on are the tokens sampled, each scored on exactly the prompt it was sampled
+from.
 
 Layout (R rows, L tokens; E episodes, T turns):
 - ``input_ids``/``attention_mask``/``action_mask``/``turn_index``: (R, L), right padded. A row is
-  one token sequence holding a run of turns of one episode (``row_episode``): their prompts are
-  prefixes of each other, so the row is encoded once per forward pass. Without a prompt budget
-  every episode is one row, all its turns included. With one (``Episode.prompt_start``), a turn
-  whose prompt dropped more of the oldest turns than the previous one starts a new row, which
-  begins with that shorter history: every turn is trained on exactly the prompt the policy saw.
-  ``turn_index`` is the episode's turn number of each action token (-1 elsewhere, including the
-  replies a row holds as history).
+  one token sequence holding a run of turns of one episode (``row_episode``) whose prompts extend
+  each other: turn ``t + 1``'s prompt starts with turn ``t``'s prompt and reply, so the row is
+  encoded once per forward pass. Usually an episode is one row. A turn whose prompt does not
+  extend the previous one (a prompt budget dropped old turns, or the sampled reply differs from
+  how its text re-tokenizes in the next prompt, e.g. a reply cut before its end of turn) starts
+  a new row with its own prompt. ``turn_index`` is the episode's turn number of each action
+  token (-1 elsewhere, including the replies a row holds as history); ``action_mask`` is
+  exactly the tokens the policy produced.
 - Turn arrays are per episode, so GAE runs over whole episodes whatever the rows:
   ``value_rows``/``value_positions``/``turn_mask``/``rewards``/``penalties``: (E, T) (the value
   of turn ``t`` is read at ``value_positions[e, t]`` of row ``value_rows[e, t]``);
@@ -31,8 +37,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from llamagym_pl.chat import EncodedEpisode, EpisodeText, encode_episodes
+from llamagym_pl.chat import build_messages, prompt_token_ids
 from llamagym_pl.rollout import Episode
+from llamagym_pl.scoring import encode_candidates
 
 
 @dataclass
@@ -78,71 +85,123 @@ class RolloutBuffer:
 
 @dataclass
 class _Row:
-    """Row of episode ``episode``: ``observations[start : end + bootstrap]`` and
-    ``responses[start:end]``, training turns ``first .. end - 1`` (earlier ones are history)."""
+    """Row of episode ``episode``: the token ids of the prompt of its last turn (or of the state
+    after it, when ``bootstrap``) and that turn's reply. It trains turns ``first ..
+    first + len(starts) - 1``, whose replies start at ``starts`` (earlier replies in the row are
+    history: they were trained in an earlier row, on their own prompt)."""
 
     episode: int
-    start: int
     first: int
-    end: int
+    ids: list[int]
+    starts: list[int]
     bootstrap: bool = False
 
-    def text(self, ep: Episode) -> EpisodeText:
-        observations = ep.observations[self.start : self.end + self.bootstrap]
-        return ep.system_prompt, observations, ep.responses[self.start : self.end]
+
+def _extends(prompt: list[int], row: list[int]) -> bool:
+    return len(prompt) > len(row) and prompt[: len(row)] == row
 
 
 def _rows(e: int, ep: Episode) -> list[_Row]:
-    """Split episode ``e`` where a turn's prompt starts later than the previous turn's."""
-    starts = ep.prompt_start or [0] * len(ep.observations)
-    if len(starts) != len(ep.observations) or any(not 0 <= s <= t for t, s in enumerate(starts)):
+    """Split episode ``e`` where a turn's prompt does not extend the previous prompt and reply.
+
+    A prompt extends the previous one unless a prompt budget dropped old turns, the chat template
+    rewrote history, or the reply's sampled tokens differ from how its text re-tokenizes in the
+    next prompt (a reply cut without its end of turn, a non-canonical tokenization).
+    """
+    if len(ep.response_ids) != ep.num_turns or len(ep.prompt_ids) != len(ep.observations):
         raise ValueError(
-            f"episode {e}: prompt_start {ep.prompt_start} needs one start per observation, each "
-            "keeping its own observation"
+            f"episode {e}: {len(ep.prompt_ids)} prompts and {len(ep.response_ids)} replies as token ids for "
+            f"{len(ep.observations)} observations and {ep.num_turns} turns"
         )
     rows: list[_Row] = []
-    for t in range(ep.num_turns):
-        if rows and starts[t] == rows[-1].start:
-            rows[-1].end = t + 1
+    for t, (prompt, reply) in enumerate(zip(ep.prompt_ids, ep.response_ids, strict=False)):
+        if rows and _extends(prompt, rows[-1].ids):
+            rows[-1].ids = prompt + reply
+            rows[-1].starts.append(len(prompt))
         else:
-            rows.append(_Row(e, starts[t], t, t + 1))
+            rows.append(_Row(e, t, prompt + reply, [len(prompt)]))
     if len(ep.observations) > ep.num_turns:  # the state after the last turn, to bootstrap from
-        if rows and starts[-1] == rows[-1].start:
-            rows[-1].bootstrap = True
+        prompt = ep.prompt_ids[-1]
+        if rows and _extends(prompt, rows[-1].ids):
+            rows[-1].ids, rows[-1].bootstrap = list(prompt), True
         else:
-            rows.append(_Row(e, starts[-1], ep.num_turns, ep.num_turns, bootstrap=True))
+            rows.append(_Row(e, ep.num_turns, list(prompt), [], bootstrap=True))
     return rows
 
 
+def add_token_ids(tokenizer, episodes: Sequence[Episode]) -> None:
+    """Give episodes built from text alone their token ids, as the chat template renders them.
+
+    Rollouts record the ids the policy saw and produced (``Episode.prompt_ids`` ...); an episode
+    written by hand has only text: each turn's prompt is its conversation (from
+    ``prompt_start[t]`` on, under a prompt budget) rendered with the generation prompt, and its
+    reply the tokens that rendering the reply adds, end of turn included (as a scored candidate).
+    """
+    todo = [ep for ep in episodes if not ep.prompt_ids]
+    conversations, replies, bootstrap = [], [], []
+    for ep in todo:
+        starts = ep.prompt_start or [0] * len(ep.observations)
+        if len(starts) != len(ep.observations) or any(not 0 <= s <= t for t, s in enumerate(starts)):
+            raise ValueError(
+                f"prompt_start {ep.prompt_start} needs one start per observation, each keeping its own"
+            )
+        for t, s in enumerate(starts):
+            messages = build_messages(
+                tokenizer, ep.system_prompt, ep.observations[s : t + 1], ep.responses[s:t]
+            )
+            if t < ep.num_turns:
+                conversations.append(messages)
+                replies.append(ep.candidates[t] if ep.candidates else [ep.responses[t]])
+            else:
+                bootstrap.append(messages)
+    encoded = iter(encode_candidates(tokenizer, conversations, replies))
+    bootstrap_ids = iter(prompt_token_ids(tokenizer, bootstrap))
+    for ep in todo:
+        for t in range(ep.num_turns):
+            enc = next(encoded)
+            ep.prompt_ids.append(enc.prompt_ids)
+            if ep.candidates:
+                ep.candidate_ids.append(enc.candidate_ids)
+            ep.response_ids.append(enc.candidate_ids[ep.chosen[t] if ep.candidates else 0])
+        if len(ep.observations) > ep.num_turns:
+            ep.prompt_ids.append(next(bootstrap_ids))
+
+
 def build_buffer(tokenizer, episodes: Sequence[Episode]) -> RolloutBuffer:
-    """Encode episodes with the chat template (see :func:`llamagym_pl.chat.encode_episodes`)."""
+    """Pad the episodes' token ids into rows (see the module docstring); ``tokenizer`` gives the
+    pad id, and encodes episodes that only have text (:func:`add_token_ids`)."""
     if not episodes:
         raise ValueError("the rollout produced no episodes; raise steps_per_env or num_envs")
+    add_token_ids(tokenizer, episodes)
     rows = [row for e, ep in enumerate(episodes) for row in _rows(e, ep)]
-    rows.sort(key=lambda row: row.first == row.end)  # stable: bootstrap-only rows last
-    encoded = encode_episodes(tokenizer, [r.text(episodes[r.episode]) for r in rows])
-    turn_index = [_train_only(enc, r) for enc, r in zip(encoded, rows, strict=True)]
-    max_len = max(len(e.input_ids) for e in encoded)
+    rows.sort(key=lambda row: not row.starts)  # stable: bootstrap-only rows last
+    max_len = max(len(r.ids) for r in rows)
     max_turns = max(ep.num_turns for ep in episodes)
     value_rows = [[0] * ep.num_turns for ep in episodes]
     value_positions = [[0] * ep.num_turns for ep in episodes]
     bootstrap_row, bootstrap_position = [0] * len(episodes), [0] * len(episodes)
-    for i, (enc, r) in enumerate(zip(encoded, rows, strict=True)):
-        for t in range(r.first, r.end):
-            value_rows[r.episode][t] = i
-            value_positions[r.episode][t] = enc.value_positions[t - r.start]
+    turn_index = []
+    for i, r in enumerate(rows):
+        index = [-1] * len(r.ids)
+        for k, start in enumerate(r.starts):
+            t = r.first + k
+            value_rows[r.episode][t], value_positions[r.episode][t] = i, start - 1
+            index[start : start + len(episodes[r.episode].response_ids[t])] = [t] * len(
+                episodes[r.episode].response_ids[t]
+            )
+        turn_index.append(index)
         if r.bootstrap:
-            bootstrap_row[r.episode], bootstrap_position[r.episode] = i, enc.bootstrap_position
+            bootstrap_row[r.episode], bootstrap_position[r.episode] = i, len(r.ids) - 1
     # Rows are right padded as Python lists and become one tensor each: thousands of small
     # per-row tensors and slice assignments cost more than the whole list work.
     return RolloutBuffer(
-        input_ids=_padded([e.input_ids for e in encoded], max_len, tokenizer.pad_token_id, torch.long),
-        attention_mask=_padded([[1] * len(e.input_ids) for e in encoded], max_len, 0, torch.long),
+        input_ids=_padded([r.ids for r in rows], max_len, tokenizer.pad_token_id, torch.long),
+        attention_mask=_padded([[1] * len(r.ids) for r in rows], max_len, 0, torch.long),
         action_mask=_padded([[t >= 0 for t in row] for row in turn_index], max_len, False, torch.bool),
         turn_index=_padded(turn_index, max_len, -1, torch.long),
         row_episode=torch.tensor([r.episode for r in rows]),
         row_first_turn=torch.tensor([r.first for r in rows]),
-        row_num_turns=torch.tensor([r.end - r.first for r in rows]),
+        row_num_turns=torch.tensor([len(r.starts) for r in rows]),
         value_rows=_padded(value_rows, max_turns, 0, torch.long),
         value_positions=_padded(value_positions, max_turns, 0, torch.long),
         turn_mask=_padded([[True] * ep.num_turns for ep in episodes], max_turns, False, torch.bool),
@@ -153,15 +212,8 @@ def build_buffer(tokenizer, episodes: Sequence[Episode]) -> RolloutBuffer:
         terminated=torch.tensor([ep.terminated for ep in episodes]),
         bootstrap_row=torch.tensor(bootstrap_row, dtype=torch.long),
         bootstrap_position=torch.tensor(bootstrap_position, dtype=torch.long),
-        lengths=torch.tensor([len(e.input_ids) for e in encoded]),
+        lengths=torch.tensor([len(r.ids) for r in rows]),
     )
-
-
-def _train_only(enc: EncodedEpisode, row: _Row) -> list[int]:
-    """The row's turn index: the episode's turn number on the tokens of the turns it trains, -1
-    on the replies it holds as history (they were trained in an earlier row, on their own prompt)."""
-    history = row.first - row.start
-    return [t + row.start if t >= history else -1 for t in enc.turn_index]
 
 
 def _padded(rows: Sequence[Sequence], length: int, fill, dtype: torch.dtype) -> Tensor:

@@ -130,23 +130,33 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> li
     return [list(ids[text]) for text in texts]
 
 
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Sequence[Message]]
+) -> list[list[int]]:
+    """The token ids of each conversation's generation prompt (chat template, then tokenizer)."""
+    return encode_texts(tokenizer, render_batch(tokenizer, conversations, add_generation_prompt=True))
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Sequence[Message]]
 ) -> tuple[Tensor, Tensor]:
-    """Generation prompts for a batch of conversations, left padded.
+    """Generation prompts for a batch of conversations, left padded (see :func:`left_pad`)."""
+    return left_pad(prompt_token_ids(tokenizer, conversations), tokenizer.pad_token_id)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad: int | None) -> tuple[Tensor, Tensor]:
+    """Token id lists as one left-padded batch.
 
     Left padding puts every prompt's last token in the last column, where generation continues.
 
     Returns:
         ``(input_ids, attention_mask)``, both ``(B, L)`` long; the mask is 0 on padding.
     """
-    pad = tokenizer.pad_token_id
     if pad is None:
         raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has no pad token; set `tokenizer.pad_token` "
-            "(e.g. to its eos token) before batching prompts"
+            "the tokenizer has no pad token; set `tokenizer.pad_token` (e.g. to its eos token) before "
+            "batching prompts"
         )
-    prompts = encode_texts(tokenizer, render_batch(tokenizer, conversations, add_generation_prompt=True))
     length = max(len(p) for p in prompts)
     # Padded as Python lists, then one tensor each: no per-row tensor and slice assignment.
     input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], dtype=torch.long)  # (B, L)

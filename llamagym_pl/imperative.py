@@ -33,9 +33,9 @@ from torch import nn
 from llamagym_pl import ppo
 from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
-from llamagym_pl.chat import build_messages, encode_prompts, prompt_start
+from llamagym_pl.chat import build_messages, left_pad, prompt_start, prompt_token_ids
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, derive_seed, rollout_metrics
+from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, cut_at_eos, derive_seed, rollout_metrics
 from llamagym_pl.update import ppo_loss, score_rollout
 
 log = logging.getLogger(__name__)
@@ -229,11 +229,12 @@ class ImperativeTrainer:
         if not isinstance(text, str):
             raise TypeError(f"format_observation returned {type(text).__name__} ({text!r}); return a str")
         start = self._prompt_start(ep, text)
-        reply = self._generate(ep, text, start)
+        prompt_ids, reply_ids, reply = self._generate(ep, text, start)
         action, invalid = self._parse(reply)
         # Appended together, after parsing, so the lists stay in step whatever happens above.
-        self._append_observation(ep, text, start)
+        self._append_observation(ep, text, start, prompt_ids)
         ep.responses.append(reply)
+        ep.response_ids.append(reply_ids)
         ep.invalid.append(invalid)
         ep.rewards.append(0.0)
         ep.penalties.append(self.config.invalid_penalty if invalid else 0.0)
@@ -264,7 +265,8 @@ class ImperativeTrainer:
             ep.truncated = True
             text = self.agent.format_observation(next_observation)
             # The state to bootstrap from, with the prompt it would be played from.
-            self._append_observation(ep, text, self._prompt_start(ep, text))
+            start = self._prompt_start(ep, text)
+            self._append_observation(ep, text, start, self._prompt_ids(ep, text, start))
         else:
             ep.terminated = True
         if not self.training:
@@ -289,17 +291,24 @@ class ImperativeTrainer:
         observations = [*ep.observations, text]
         return prompt_start(self.tokenizer, ep.system_prompt, observations, ep.responses, budget, previous)
 
-    def _append_observation(self, ep: Episode, text: str, start: int) -> None:
-        if self.config.max_prompt_tokens is not None:  # recorded: training encodes that prompt
+    def _append_observation(self, ep: Episode, text: str, start: int, prompt_ids: list[int]) -> None:
+        if self.config.max_prompt_tokens is not None:
             ep.prompt_start.append(start)
         ep.observations.append(text)
+        ep.prompt_ids.append(prompt_ids)  # training scores exactly the prompt the policy saw
+
+    def _prompt_ids(self, ep: Episode, text: str, start: int) -> list[int]:
+        """Token ids of the generation prompt for ``text`` after ``ep``'s turns from ``start`` on."""
+        observations, responses = [*ep.observations, text][start:], ep.responses[start:]
+        messages = build_messages(self.tokenizer, ep.system_prompt, observations, responses)
+        return prompt_token_ids(self.tokenizer, [messages])[0]
 
     @torch.no_grad()
-    def _generate(self, ep: Episode, text: str, start: int) -> str:
+    def _generate(self, ep: Episode, text: str, start: int) -> tuple[list[int], list[int], str]:
+        """(prompt ids, sampled reply ids up to and including a sampled eos, reply text)."""
         tok = self.tokenizer
-        observations, responses = [*ep.observations, text][start:], ep.responses[start:]
-        messages = build_messages(tok, ep.system_prompt, observations, responses)
-        input_ids, attention_mask = encode_prompts(tok, [messages])  # (1, L) each, left padded
+        prompt = self._prompt_ids(ep, text, start)
+        input_ids, attention_mask = left_pad([prompt], tok.pad_token_id)  # (1, L) each
         kwargs = dict(self.generate_kwargs)
         if not self.training:  # inference mode: greedy
             kwargs = {k: v for k, v in kwargs.items() if k not in _SAMPLING_KEYS} | {"do_sample": False}
@@ -308,15 +317,13 @@ class ImperativeTrainer:
         self.policy.eval()
         start = time.perf_counter()
         out = self.policy.generate(input_ids.to(self.device), attention_mask.to(self.device), **kwargs)
-        new = out[0, input_ids.shape[1] :].tolist()  # only the generated tokens
-        if tok.eos_token_id in new:
-            new = new[: new.index(tok.eos_token_id) + 1]
+        new = cut_at_eos(out[0, input_ids.shape[1] :].tolist(), tok.eos_token_id)  # only the new tokens
         if self.training:
             self._batch_start = self._batch_start or start
             self._gen_seconds += time.perf_counter() - start
             self._gen_tokens += len(new)
             self._prompt_tokens += input_ids.shape[1]
-        return tok.decode(new, skip_special_tokens=True).strip()
+        return prompt, new, tok.decode(new, skip_special_tokens=True).strip()
 
     def _parse(self, reply: str) -> tuple[Any, bool]:
         cfg = self.config

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from llamagym_pl.agent import Agent
-from llamagym_pl.chat import Message, PromptBudgetError, build_messages, encode_prompts, prompt_start
+from llamagym_pl.chat import (
+    Message,
+    PromptBudgetError,
+    build_messages,
+    left_pad,
+    prompt_start,
+    prompt_token_ids,
+)
 from llamagym_pl.guards import ConfigError, EnvFaults, check_context, raise_if_interrupted
 
 InvalidActionPolicy = Literal["random", "fixed"]
@@ -56,6 +63,15 @@ class Episode:
     # its prompt dropped (the prompt held observations[s:] and responses[s:]). Training encodes
     # exactly those prompts. Empty: every prompt held the whole history.
     prompt_start: list[int] = field(default_factory=list)
+    # Token in, token out: per observation played (and the state to bootstrap from), the token ids
+    # the policy was fed; per turn, the token ids it produced (a generated reply as sampled, up to
+    # and including the end-of-sequence token only when it was sampled; a scored reply's candidate
+    # tokens). Training scores exactly these, never a re-tokenization of the decoded text. Score
+    # mode also keeps every candidate's tokens. Empty for episodes built from text alone:
+    # :func:`llamagym_pl.buffer.build_buffer` then encodes them with the chat template.
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    response_ids: list[list[int]] = field(default_factory=list)
+    candidate_ids: list[list[list[int]]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -65,6 +81,15 @@ class Episode:
     @property
     def num_turns(self) -> int:
         return len(self.responses)
+
+
+@dataclass
+class Generated:
+    """A batch of generated replies: the prompts' and the replies' token ids, and the reply texts."""
+
+    prompt_ids: list[list[int]]
+    reply_ids: list[list[int]]
+    texts: list[str]
 
 
 @dataclass
@@ -253,9 +278,7 @@ class RolloutCollector:
                 env_s += time.perf_counter() - t0
         finally:
             policy.train(was_training)
-        if self.max_prompt_tokens is not None:
-            for ep in finished:  # cut and truncated episodes: the prompt of the state to bootstrap from
-                self._prompt(tokenizer, ep)
+        self._bootstrap_prompts(tokenizer, finished)
         return RolloutStats(
             episodes=finished,
             env_steps=env_steps,
@@ -291,6 +314,13 @@ class RolloutCollector:
         start = ep.prompt_start[-1]
         return build_messages(tokenizer, ep.system_prompt, ep.observations[start:], ep.responses[start:])
 
+    def _bootstrap_prompts(self, tokenizer, episodes: list[Episode]) -> None:
+        """The prompt ids of the state after the last turn of each truncated or cut episode."""
+        cut = [ep for ep in episodes if len(ep.observations) > ep.num_turns]
+        conversations = [self._prompt(tokenizer, ep) for ep in cut]
+        for ep, ids in zip(cut, prompt_token_ids(tokenizer, conversations), strict=True):
+            ep.prompt_ids.append(ids)
+
     def _step(self, i: int, action: Any) -> tuple[Any, float, bool, bool]:
         obs, reward, terminated, truncated, _ = self.envs[i].step(action)
         if not math.isfinite(float(reward)):
@@ -323,13 +353,24 @@ class RolloutCollector:
     ) -> tuple[list[str], int, int]:
         """The reply step: one reply per active env, ``envs[k]`` playing ``episodes[k]`` and
         ``conversations[k]``. Returns (replies, prompt tokens, generated tokens). Generation here;
-        :class:`~llamagym_pl.scoring_rollout.ScoringCollector` picks among candidate actions instead."""
-        return self._generate(policy, tokenizer, conversations, greedy)
+        :class:`~llamagym_pl.scoring_rollout.ScoringCollector` picks among candidate actions instead.
+        Each episode records the prompt's and the reply's token ids."""
+        out = self.generate(policy, tokenizer, conversations, greedy)
+        for ep, prompt, reply in zip(episodes, out.prompt_ids, out.reply_ids, strict=True):
+            ep.prompt_ids.append(prompt)
+            ep.response_ids.append(reply)
+        n_prompt = sum(len(p) for p in out.prompt_ids)
+        return out.texts, n_prompt, sum(len(r) for r in out.reply_ids)
 
-    def _generate(self, policy, tokenizer, conversations, greedy: bool) -> tuple[list[str], int, int]:
-        input_ids, attention_mask = encode_prompts(tokenizer, conversations)  # (B, P) each
+    def generate(self, policy, tokenizer, conversations: list[list[Message]], greedy: bool) -> Generated:
+        """One batched ``generate`` for ``conversations`` (each ending with a user message).
+
+        A reply is the sampled token ids up to the first end-of-sequence token (kept when sampled);
+        its text is those ids decoded without special tokens, stripped.
+        """
+        prompts = prompt_token_ids(tokenizer, conversations)
+        input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P) each
         check_context(policy, input_ids.shape[1], self.max_new_tokens)
-        n_prompt = int(attention_mask.sum())  # counted on the host: no device sync for it
         device = next(policy.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         sampling = (
@@ -351,13 +392,14 @@ class RolloutCollector:
             **sampling,
         )
         new = out[:, input_ids.shape[1] :].cpu()  # (B, new)
-        replies, n_gen = [], 0
-        for row in new.tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id) + 1]
-            n_gen += len(row)
-            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-        return replies, n_prompt, n_gen
+        replies = [cut_at_eos(row, tokenizer.eos_token_id) for row in new.tolist()]
+        texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in replies]
+        return Generated(prompts, replies, texts)
+
+
+def cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
+    """``ids`` up to and including the first ``eos_token_id``: ``generate`` pads what follows."""
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any] | None, max_episode_steps: int | None) -> gym.Env:

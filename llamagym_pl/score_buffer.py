@@ -17,10 +17,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from llamagym_pl.buffer import RolloutBuffer
-from llamagym_pl.chat import build_messages
+from llamagym_pl.buffer import RolloutBuffer, add_token_ids
 from llamagym_pl.rollout import Episode
-from llamagym_pl.scoring import ScoreNormalization, candidate_batch, encode_candidates, row_layout, word_count
+from llamagym_pl.scoring import EncodedCandidates, ScoreNormalization, candidate_batch, row_layout, word_count
 
 
 @dataclass
@@ -53,8 +52,7 @@ def build_score_buffer(
     """Encode every turn's candidates; ``episode_buffer`` is ``build_buffer(tokenizer, episodes)``.
 
     Raises:
-        ValueError: if an episode lacks its candidates, or a turn's prompt is not the prefix of
-            the row (of the episode buffer) that the turn's value is read from.
+        ValueError: if an episode lacks its candidates or its reply is not its chosen candidate.
     """
     turns = [(e, t) for e, ep in enumerate(episodes) for t in range(ep.num_turns)]
     for ep in episodes:
@@ -63,23 +61,11 @@ def build_score_buffer(
         for t, (cands, k) in enumerate(zip(ep.candidates, ep.chosen, strict=True)):
             if cands[k] != ep.responses[t]:
                 raise ValueError(f"turn {t}: response {ep.responses[t]!r} is not its chosen candidate")
-    # Each turn's prompt as the policy saw it: under a prompt budget, without the oldest turns
-    # it dropped (Episode.prompt_start).
-    starts = [episodes[e].prompt_start[t] if episodes[e].prompt_start else 0 for e, t in turns]
-    conversations = [
-        build_messages(tokenizer, ep.system_prompt, ep.observations[s : t + 1], ep.responses[s:t])
-        for (e, t), s in zip(turns, starts, strict=True)
-        for ep in [episodes[e]]
-    ]
+    add_token_ids(tokenizer, episodes)  # a no-op for rollouts, which record them
+    # Each turn's prompt and candidates as the policy scored them (under a prompt budget, without
+    # the oldest turns it dropped): the episode rows' prefixes, by construction.
+    encoded = [EncodedCandidates(episodes[e].prompt_ids[t], episodes[e].candidate_ids[t]) for e, t in turns]
     candidates = [episodes[e].candidates[t] for e, t in turns]
-    encoded = encode_candidates(tokenizer, conversations, candidates)
-    for (e, t), enc in zip(turns, encoded, strict=True):
-        row, start = int(episode_buffer.value_rows[e, t]), int(episode_buffer.value_positions[e, t]) + 1
-        if episode_buffer.input_ids[row, :start].tolist() != enc.prompt_ids:
-            raise ValueError(
-                f"episode {e}, turn {t}: the generation prompt does not tokenize to the prefix of the "
-                "episode's sequence (the chat template is not prefix-stable)"
-            )
     layout = candidate_batch(encoded, tokenizer.pad_token_id)
     counts = torch.tensor([len(enc.candidate_ids) for enc in encoded])
     longest = torch.zeros(len(turns), dtype=torch.long).scatter_reduce(

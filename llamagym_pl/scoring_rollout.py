@@ -111,9 +111,12 @@ class ScoringCollector(RolloutCollector):
             chosen = logits.argmax(-1).tolist()
         else:
             chosen = torch.multinomial(torch.softmax(logits / self.temperature, -1), 1).squeeze(1).tolist()
-        for ep, cands, k in zip(episodes, candidates, chosen, strict=True):
+        for ep, cands, enc, k in zip(episodes, candidates, encoded, chosen, strict=True):
             ep.candidates.append(cands)
             ep.chosen.append(k)
+            ep.prompt_ids.append(enc.prompt_ids)
+            ep.candidate_ids.append(enc.candidate_ids)
+            ep.response_ids.append(enc.candidate_ids[k])
         replies = [cands[k] for cands, k in zip(candidates, chosen, strict=True)]
         n_prompt = sum(len(e.prompt_ids) for e in encoded)
         n_gen = sum(len(e.candidate_ids[k]) for e, k in zip(encoded, chosen, strict=True))
