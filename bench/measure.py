@@ -175,7 +175,7 @@ def run_update(
     for index in islice(sampler, setting.max_update_steps):
         with ours:
             batch = {k: v.to(device) for k, v in minibatch(buf, index).items()}
-            loss, _ = ppo_loss(policy, batch, CLIP_COEF, True, VF_COEF, 0.0, True)
+            loss, _ = ppo_loss(policy, batch, CLIP_COEF, True, VF_COEF, 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

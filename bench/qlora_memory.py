@@ -47,7 +47,7 @@ gc.collect()
 before = status_mib("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 t = time.perf_counter()
-loss, _ = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.0, True)
+loss, _ = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.0)
 loss.backward()
 opt.step()
 step_s = time.perf_counter() - t

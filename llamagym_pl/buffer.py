@@ -25,7 +25,9 @@ Layout (R rows, L tokens; E episodes, T turns):
   it shorter than the episode's last row.
 - After scoring (:class:`~llamagym_pl.module.PPOModule` fills them at each epoch start):
   ``old_logprobs`` (R, L) where ``old_logprobs[r, i]`` is log p(token i | tokens < i),
-  ``old_values``/``advantages``/``returns`` (E, T).
+  ``old_values``/``advantages``/``returns`` (E, T), and ``pg_advantages`` (E, T): the advantages
+  the policy loss uses, normalized once over the whole rollout (all DDP ranks), never per
+  minibatch (minibatches group rows by length, and a row's length depends on the actions taken).
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class RolloutBuffer:
     bootstrap_row: Tensor
     bootstrap_position: Tensor
     lengths: Tensor
+    temperature: float = 1.0  # the sampling temperature: log-probs are scored at the same one
     old_logprobs: Tensor | None = None
     old_values: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    pg_advantages: Tensor | None = None  # the advantages the policy loss uses (normalized once per rollout)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -80,7 +84,7 @@ class RolloutBuffer:
 
     @property
     def scored(self) -> bool:
-        return self.advantages is not None
+        return self.pg_advantages is not None
 
 
 @dataclass
@@ -167,9 +171,10 @@ def add_token_ids(tokenizer, episodes: Sequence[Episode]) -> None:
             ep.prompt_ids.append(next(bootstrap_ids))
 
 
-def build_buffer(tokenizer, episodes: Sequence[Episode]) -> RolloutBuffer:
+def build_buffer(tokenizer, episodes: Sequence[Episode], temperature: float = 1.0) -> RolloutBuffer:
     """Pad the episodes' token ids into rows (see the module docstring); ``tokenizer`` gives the
-    pad id, and encodes episodes that only have text (:func:`add_token_ids`)."""
+    pad id, and encodes episodes that only have text (:func:`add_token_ids`). ``temperature``
+    is the one the replies were sampled at."""
     if not episodes:
         raise ValueError("the rollout produced no episodes; raise steps_per_env or num_envs")
     add_token_ids(tokenizer, episodes)
@@ -213,6 +218,7 @@ def build_buffer(tokenizer, episodes: Sequence[Episode]) -> RolloutBuffer:
         bootstrap_row=torch.tensor(bootstrap_row, dtype=torch.long),
         bootstrap_position=torch.tensor(bootstrap_position, dtype=torch.long),
         lengths=torch.tensor([len(r.ids) for r in rows]),
+        temperature=temperature,
     )
 
 
@@ -287,7 +293,7 @@ def minibatch(buf: RolloutBuffer, index: Sequence[int]) -> dict[str, Tensor]:
     turns = int(buf.row_num_turns[idx].max())
     turn_index = buf.turn_index[idx, :length]  # (B, L) the episode's turn numbers
     # Every response token of a turn carries that turn's advantage.
-    token_adv = buf.advantages[episode].gather(1, turn_index.clamp(min=0)) * (turn_index >= 0)  # (B, L)
+    token_adv = buf.pg_advantages[episode].gather(1, turn_index.clamp(min=0)) * (turn_index >= 0)  # (B, L)
     k = torch.arange(turns)  # (T',)
     # Turn k of each row is turn row_first_turn + k of its episode; past the row's turns (masked
     # out) any valid index will do.

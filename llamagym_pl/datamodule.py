@@ -32,7 +32,8 @@ class RolloutDataModule(L.LightningDataModule):
         steps_per_env: turns each env plays per epoch (episodes running at the end are cut and
             bootstrapped from the value of their next state).
         max_new_tokens: reply length limit in tokens.
-        temperature: sampling temperature.
+        temperature: sampling temperature; PPO scores log-probs, entropy and the KL penalty at the
+            same temperature (the distribution sampled from).
         top_k: top-k sampling (0: off; keep it off for on-policy PPO).
         top_p: nucleus sampling (1.0: off).
         invalid_action: ``random`` or ``fixed``: the action played when a reply is invalid.
@@ -178,7 +179,7 @@ class RolloutDataModule(L.LightningDataModule):
                 steps_per_env=self.hparams.steps_per_env,
             )
         self.last_stats = stats
-        self.buffer = build_buffer(module.tokenizer, stats.episodes)
+        self.buffer = build_buffer(module.tokenizer, stats.episodes, temperature=self.hparams.temperature)
         dataset, lengths = RolloutDataset(self.buffer), self.buffer.train_lengths
         if self.hparams.policy == "score":  # minibatches of turns: one scored action each
             norm = self.hparams.score_normalization

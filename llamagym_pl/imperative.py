@@ -79,7 +79,7 @@ class ImperativeConfig:
         ent_coef: entropy bonus weight.
         max_grad_norm: gradient norm clip.
         target_kl: stop an update's remaining minibatches once approx-KL exceeds it (None: never).
-        norm_adv: normalize advantages per minibatch.
+        norm_adv: normalize advantages once per batch of episodes (not per minibatch).
         invalid_action: ``random`` (a random action) or ``fixed`` (``fallback_action``) for a reply
             that ``extract_action`` rejects (raises) or maps outside the action space.
         fallback_action: the action for ``invalid_action="fixed"``.
@@ -371,9 +371,13 @@ class ImperativeTrainer:
             )
         )
         metrics["rollout/invalid_actions"] = float(sum(sum(ep.invalid) for ep in episodes))
-        buf = build_buffer(self.tokenizer, episodes)
+        buf = build_buffer(
+            self.tokenizer, episodes, temperature=float(self.generate_kwargs.get("temperature", 1.0))
+        )
         score_batch = math.ceil(len(buf) / cfg.num_minibatches)  # no more memory than a minibatch
-        metrics.update(score_rollout(self.policy, buf, cfg.gamma, cfg.gae_lambda, score_batch))
+        metrics.update(
+            score_rollout(self.policy, buf, cfg.gamma, cfg.gae_lambda, score_batch, norm_adv=cfg.norm_adv)
+        )
         sampler = MinibatchSampler(
             buf.train_lengths,
             cfg.num_minibatches,
@@ -399,7 +403,13 @@ class ImperativeTrainer:
             for index in sampler:
                 batch = {k: v.to(self.device) for k, v in minibatch(buf, index).items()}
                 loss, metrics = ppo_loss(
-                    self.policy, batch, cfg.clip_coef, cfg.clip_vloss, cfg.vf_coef, cfg.ent_coef, cfg.norm_adv
+                    self.policy,
+                    batch,
+                    cfg.clip_coef,
+                    cfg.clip_vloss,
+                    cfg.vf_coef,
+                    cfg.ent_coef,
+                    buf.temperature,
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

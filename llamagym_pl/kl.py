@@ -17,7 +17,10 @@ fixed or adapted toward a target (Ziegler et al. 2019, Sec. 2.2).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from llamagym_pl import ppo
 from llamagym_pl.policy import PolicyWithValueHead, is_peft
+from llamagym_pl.scoring import candidate_forward
 
 
 class ReferencePolicy:
@@ -38,27 +42,41 @@ class ReferencePolicy:
 
     def __init__(self, policy: PolicyWithValueHead) -> None:
         self._lm = policy.lm
+        self._value_head = policy.value_head
         self.shares_weights = is_peft(policy.lm)
         self._frozen: nn.Module | None = None
         if not self.shares_weights:
             self._frozen = copy.deepcopy(policy.lm).requires_grad_(False).eval()
 
-    @torch.no_grad()
-    def token_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``out[:, i] = log pi_ref(token i+1 | tokens <= i)``: ``(B, L) -> (B, L - 1)`` float32."""
+    @contextlib.contextmanager
+    def _reference_lm(self, device: torch.device) -> Iterator[nn.Module]:
+        """The initial LM: the frozen copy, or the peft model with its adapter switched off."""
         if self._frozen is not None:
-            lm = self._frozen.to(input_ids.device).eval()  # .to is a no-op after the first call
+            yield self._frozen.to(device).eval()  # .to is a no-op after the first call
+            return
+        was_training = self._lm.training
+        self._lm.eval()  # no LoRA dropout (it is bypassed anyway with the adapter off)
+        try:
+            with self._lm.disable_adapter():
+                yield self._lm
+        finally:
+            self._lm.train(was_training)
+
+    @torch.no_grad()
+    def token_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
+        """``out[:, i] = log pi_ref(token i+1 | tokens <= i)`` under ``softmax(logits / temperature)``:
+        ``(B, L) -> (B, L - 1)`` float32."""
+        with self._reference_lm(input_ids.device) as lm:
             logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        else:
-            was_training = self._lm.training
-            self._lm.eval()  # no LoRA dropout (it is bypassed anyway with the adapter off)
-            try:
-                with self._lm.disable_adapter():
-                    out = self._lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            finally:
-                self._lm.train(was_training)
-            logits = out.logits
-        return ppo.token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, L - 1)
+        return ppo.token_logprobs(logits[:, :-1] / temperature, input_ids[:, 1:])  # (B, L - 1)
+
+    @torch.no_grad()
+    def candidate_logprob_sums(self, batch: dict[str, Tensor]) -> Tensor:
+        """log pi_ref(candidate | prompt) of a candidate batch (see
+        :func:`llamagym_pl.scoring.candidate_forward`): (R,)."""
+        with self._reference_lm(batch["prompt_ids"].device) as lm:
+            reference = SimpleNamespace(lm=lm, value_head=self._value_head, training=False)
+            return candidate_forward(reference, batch)[0]
 
 
 def turn_kl(

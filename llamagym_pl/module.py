@@ -50,7 +50,9 @@ class PPOModule(L.LightningModule):
         ent_coef: entropy bonus weight (over response tokens).
         max_grad_norm: gradient norm clip.
         target_kl: stop this epoch's remaining updates once approx-KL exceeds it (None: never).
-        norm_adv: normalize advantages per minibatch over response tokens.
+        norm_adv: normalize advantages to zero mean and unit variance, once per rollout over every
+            turn of every DDP rank (not per minibatch: minibatches group rows by length, which
+            depends on the actions taken).
         score_batch_size: episodes per forward pass when scoring a rollout.
         quantization: ``none``, ``4bit`` (NF4, QLoRA) or ``8bit`` base weights via bitsandbytes;
             needs ``lora_r > 0``.
@@ -137,16 +139,29 @@ class PPOModule(L.LightningModule):
         metrics = self._rollout_metrics(datamodule.last_stats)
         hp = self.hparams
         kl_coef, buf = self.kl_ctl.value, datamodule.buffer
+        score_buf = getattr(datamodule, "score_buffer", None)
         # Old log-probs under the trainer's precision (autocast), as the training step's new ones.
         with self.trainer.precision_plugin.forward_context():
+            candidate_kl = None
+            if score_buf is not None:  # data.policy: score: old log-probs of the chosen candidates
+                scored, candidate_kl = score_candidates(
+                    self.policy, score_buf, hp.score_batch_size, self.reference
+                )
+                metrics.update(scored)
             metrics.update(
                 score_rollout(
-                    self.policy, buf, hp.gamma, hp.gae_lambda, hp.score_batch_size, self.reference, kl_coef
+                    self.policy,
+                    buf,
+                    hp.gamma,
+                    hp.gae_lambda,
+                    hp.score_batch_size,
+                    self.reference if score_buf is None else None,
+                    kl_coef,
+                    candidate_kl=candidate_kl,
+                    norm_adv=hp.norm_adv,
+                    reduce=self._sum_over_ranks,
                 )
             )
-            score_buf = getattr(datamodule, "score_buffer", None)
-            if score_buf is not None:  # data.policy: score: old log-probs of the chosen candidates
-                metrics.update(score_candidates(self.policy, score_buf, hp.score_batch_size))
         if self.reference is not None:
             metrics["train/kl_coef"] = kl_coef
             # Every DDP rank must adapt the coefficient identically: use the ranks' mean KL.
@@ -170,6 +185,12 @@ class PPOModule(L.LightningModule):
             totals = dict(zip(totals, packed.tolist(), strict=True))
         return metrics_from_totals(totals, world)
 
+    def _sum_over_ranks(self, value: Tensor) -> Tensor:
+        """``value`` summed over DDP ranks (advantage moments: one normalization per rollout)."""
+        if self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.to(self.device), reduce_op="sum").cpu()
+
     def _any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is true on any DDP rank: skip decisions must agree, or DDP hangs."""
         if self.trainer.world_size == 1:
@@ -191,15 +212,16 @@ class PPOModule(L.LightningModule):
         if self._stop_epoch:
             return None  # target_kl reached: Lightning skips backward and the optimizer step
         hp = self.hparams
-        score_buf = getattr(self.trainer.datamodule, "score_buffer", None)
+        datamodule = self.trainer.datamodule
+        score_buf, temperature = getattr(datamodule, "score_buffer", None), datamodule.buffer.temperature
         if score_buf is not None:  # data.policy: score: one action per turn
             norm = score_buf.normalization
             loss, metrics = score_ppo_loss(
-                self.policy, batch, norm, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
+                self.policy, batch, norm, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, temperature
             )
         else:
             loss, metrics = ppo_loss(
-                self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, hp.norm_adv
+                self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, temperature
             )
         # Under DDP a NaN on one rank must skip the step on all of them (else DDP hangs).
         seen = loss if not self._any_rank(not bool(torch.isfinite(loss))) else loss.new_tensor(float("nan"))

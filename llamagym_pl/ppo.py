@@ -83,6 +83,33 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(mask, whitened, torch.zeros_like(whitened))
 
 
+def masked_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """``(count, sum, sum of squares)`` of ``x`` over the mask, float64, shape (3,).
+
+    The three are additive: summed over DDP ranks they are the moments of all ranks' elements,
+    so :func:`whiten_with_moments` normalizes a whole distributed rollout at once.
+    """
+    mask = _check_mask(x, mask)
+    x = torch.where(mask, x.detach().double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    return torch.stack([mask.sum().double(), x.sum(), (x * x).sum()])
+
+
+def whiten_with_moments(x: Tensor, mask: Tensor, moments: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with the mean and unbiased variance of ``moments``
+    (:func:`masked_moments`, possibly summed over ranks); 0 outside the mask, x's dtype.
+
+    Equals :func:`masked_whiten` when ``moments`` are ``x``'s own. With fewer than 2 elements
+    there is no spread: ``x - mean`` is returned unscaled.
+    """
+    mask = _check_mask(x, mask)
+    n, total, squares = moments.double().unbind()
+    mean = total / n.clamp(min=1)
+    var = ((squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    scale = torch.where(n >= 2, torch.rsqrt(var + eps), torch.ones_like(var))
+    whitened = ((x.double() - mean) * scale).to(x.dtype)
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """log p(label) under softmax(logits), in float32.
 

@@ -119,7 +119,7 @@ def score_minibatch(buf: ScoreBuffer, index: Sequence[int]) -> dict[str, Tensor]
     episodes, e, t = buf.episodes, buf.turn_episode[idx], buf.turn_step[idx]
     if buf.old_logprobs is not None and episodes.advantages is not None:
         batch["old_logprobs"] = buf.old_logprobs[idx]
-        batch["advantages"] = episodes.advantages[e, t]
+        batch["advantages"] = episodes.pg_advantages[e, t]  # normalized once per rollout
         batch["returns"] = episodes.returns[e, t]
         batch["old_values"] = episodes.old_values[e, t]
     return batch

@@ -124,6 +124,7 @@ def _hand_scored(tokenizer: PreTrainedTokenizerBase) -> RolloutBuffer:
     buf.advantages = torch.tensor([[1.5, -2.0], [3.0, 0.0], [-4.0, 5.0]])
     buf.old_values = torch.arange(e * t, dtype=torch.float32).view(e, t) + 10
     buf.returns = buf.old_values + buf.advantages
+    buf.pg_advantages = buf.advantages  # what the policy loss spreads over a turn's tokens
     return buf
 
 

@@ -25,7 +25,7 @@ def _train_steps(policy: PolicyWithValueHead, batch: dict, steps: int = 3) -> No
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     for _ in range(steps):
-        loss, _ = ppo_loss(policy, batch, 0.2, True, 0.5, 0.01, True)
+        loss, _ = ppo_loss(policy, batch, 0.2, True, 0.5, 0.01)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -73,7 +73,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(
         policy = build_policy(str(tiny_model_dir), lora_r=4, gradient_checkpointing=checkpointing)
         perturb_trainable(policy)
         batch = scored_batch(policy, tiny_tokenizer)
-        loss, _ = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.0, True)
+        loss, _ = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.0)
         loss.backward()
         grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
     assert policy.lm.is_activation_checkpointing

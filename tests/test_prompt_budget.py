@@ -108,6 +108,7 @@ def test_minibatch_gathers_each_rows_own_turns(tiny_tokenizer: PreTrainedTokeniz
     buf.advantages = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0]])
     buf.old_values = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.0, 0.0]])
     buf.returns = buf.old_values + buf.advantages
+    buf.pg_advantages = buf.advantages
     mb = minibatch(buf, [1, 2])
     vp = buf.value_positions
     assert mb["turn_mask"].tolist() == [[True, True], [True, True]]
@@ -368,7 +369,7 @@ def test_every_minibatch_of_mixed_row_layouts_trains(
     assert buf.num_train_rows == 4
     for index in [[a, b] for a in rows for b in rows if a != b] + [list(rows)]:
         batch = minibatch(buf, index)
-        loss, _ = ppo_loss(tiny_policy, batch, 0.2, True, 0.5, 0.0, True)
+        loss, _ = ppo_loss(tiny_policy, batch, 0.2, True, 0.5, 0.0)
         assert torch.isfinite(loss), index
         # Padding turns read position 0 of their own row (any valid index; masked out of the loss).
         assert (batch["value_positions"][~batch["turn_mask"]] == 0).all()

@@ -43,7 +43,7 @@ def test_quantized_lora_step(
     assert torch.isfinite(batch["old_logprobs"]).all() and (batch["old_logprobs"] <= 0).all()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
-        loss, metrics = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.01, True)
+        loss, metrics = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.01)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
         optimizer.zero_grad()
         loss.backward()

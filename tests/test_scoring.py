@@ -225,8 +225,8 @@ def test_ppo_at_ratio_one(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> N
     episodes = collect(policy, tiny_tokenizer, greedy=False)
     ep_buf = build_buffer(tiny_tokenizer, episodes)
     buf = build_score_buffer(tiny_tokenizer, episodes, ep_buf, "word")
-    score_rollout(policy, ep_buf, gamma=1.0, gae_lambda=0.95, batch_size=64)
     score_candidates(policy, buf, batch_size=5)  # several forward chunks
+    score_rollout(policy, ep_buf, gamma=1.0, gae_lambda=0.95, batch_size=64, norm_adv=False)
     # The chosen log-prob of a few turns, by hand.
     for n in (0, 3, len(buf) - 1):
         e, t = int(buf.turn_episode[n]), int(buf.turn_step[n])
@@ -235,7 +235,7 @@ def test_ppo_at_ratio_one(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> N
         probs = direct_distribution(policy, tiny_tokenizer, conv, ep.candidates[t], "word")
         assert math.isclose(float(buf.old_logprobs[n]), math.log(probs[ep.chosen[t]]), abs_tol=1e-5)
     batch = score_minibatch(buf, list(range(len(buf))))
-    loss, metrics = score_ppo_loss(policy, batch, "word", 0.2, True, 0.5, 0.0, norm_adv=False)
+    loss, metrics = score_ppo_loss(policy, batch, "word", 0.2, True, 0.5, 0.0)
     torch.testing.assert_close(metrics["train/policy_loss"], -batch["advantages"].mean(), rtol=0, atol=1e-5)
     assert float(metrics["train/approx_kl"]) < 1e-8 and float(metrics["train/clipfrac"]) == 0.0
     # Values from the turn rows equal those read from the episode sequences.

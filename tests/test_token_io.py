@@ -188,8 +188,8 @@ def test_imperative_loop_trains_the_sampled_tokens(
     built: list[tuple[RolloutBuffer, list]] = []
     original_build = imperative_module.build_buffer
 
-    def build(tok, episodes):
-        buf = original_build(tok, episodes)
+    def build(tok, episodes, **kwargs):
+        buf = original_build(tok, episodes, **kwargs)
         built.append((buf, list(episodes)))
         return buf
 
