@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.policy import PolicyWithValueHead, disable_dropout
 from llamagym_pl.tiny_model import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def build_policy(
     """The LM (optionally quantized, optionally with LoRA) and a fresh value head.
 
     See :func:`load_causal_lm` and :func:`add_lora` for the arguments; ``lora_r=0`` trains all
-    weights, which a quantized model cannot do.
+    weights, which a quantized model cannot do. Every dropout is off (:func:`disable_dropout`),
+    ``lora_dropout`` included: it only goes into the adapter's saved config.
     """
     if quantization != "none" and lora_r <= 0:
         raise ValueError(
@@ -189,6 +190,9 @@ def build_policy(
     )
     if lora_r > 0:
         lm = add_lora(lm, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    # After LoRA, whose dropout layers go too: PPO's ratios need the update's log-probs (train
+    # mode) to equal the rollout's (eval mode).
+    log.info("%s: %d dropout probabilities set to 0", name_or_path, disable_dropout(lm))
     return PolicyWithValueHead(lm)
 
 
