@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 class ValueHead(nn.Module):
     """A linear critic on the LM's last hidden state: ``(B, L, H) -> (B, L)``.
 
-    Kept in float32 whatever the LM's dtype, because value targets are small returns whose
-    regression suffers from bf16 rounding.
+    Kept in float32 whatever the LM's dtype or the trainer's precision, because value targets
+    are small returns whose regression suffers from bf16 rounding.
     """
 
     def __init__(self, hidden_size: int) -> None:
@@ -25,7 +25,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.summary(hidden.float()).squeeze(-1)  # (B, L)
+        # Under autocast (bf16-mixed) the linear would run in bf16 even on float32 inputs.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.summary(hidden.float()).squeeze(-1)  # (B, L)
 
 
 class PolicyWithValueHead(nn.Module):
