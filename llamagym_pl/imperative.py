@@ -34,7 +34,7 @@ from llamagym_pl import ppo
 from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
 from llamagym_pl.chat import build_messages, left_pad, prompt_start, prompt_token_ids
-from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.policy import PolicyWithValueHead, disable_dropout, half_precision_trainable
 from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, cut_at_eos, derive_seed, rollout_metrics
 from llamagym_pl.update import ppo_loss, score_rollout
 
@@ -165,15 +165,33 @@ def generation_kwargs(generate_config_dict: dict[str, Any] | None) -> dict[str, 
 
 
 def as_policy(model: nn.Module) -> PolicyWithValueHead:
-    """Wrap a causal LM with our value head; a :class:`PolicyWithValueHead` passes through."""
-    if isinstance(model, PolicyWithValueHead):
-        return model
-    if hasattr(model, "pretrained_model") and hasattr(model, "v_head"):
-        log.warning("got TRL's AutoModelForCausalLMWithValueHead: training its LM with our own value head")
-        model = model.pretrained_model
-    if not isinstance(model, nn.Module) or not hasattr(model, "generate"):
-        raise TypeError(f"model must be a Hugging Face causal LM (AutoModelForCausalLM), got {type(model)}")
-    return PolicyWithValueHead(model)
+    """Wrap a causal LM with our value head; a :class:`PolicyWithValueHead` passes through.
+
+    Refuses trainable weights in half precision (:func:`half_precision_trainable`), then turns
+    off every dropout of the user's model (:func:`disable_dropout`): updates run in train mode,
+    replies and their old log-probs in eval mode, and PPO's ratios need the two to agree.
+    """
+    if not isinstance(model, PolicyWithValueHead):
+        if hasattr(model, "pretrained_model") and hasattr(model, "v_head"):
+            log.warning(
+                "got TRL's AutoModelForCausalLMWithValueHead: training its LM with our own value head"
+            )
+            model = model.pretrained_model
+        if not isinstance(model, nn.Module) or not hasattr(model, "generate"):
+            raise TypeError(
+                f"model must be a Hugging Face causal LM (AutoModelForCausalLM), got {type(model)}"
+            )
+        model = PolicyWithValueHead(model)
+    half = half_precision_trainable(model)
+    if half:
+        dtype = model.get_parameter(half[0]).dtype
+        raise ValueError(
+            f"{len(half)} trainable weights of the model are in {dtype} (e.g. {half[0]}), where AdamW's "
+            "small updates round away: load the model in float32 (from_pretrained(..., "
+            "dtype=torch.float32)), or add a LoRA adapter whose weights are float32 (peft's default)"
+        )
+    log.info("%d dropout probabilities of the model set to 0", disable_dropout(model))
+    return model
 
 
 class ImperativeTrainer:

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.policy import HALF_DTYPES, PolicyWithValueHead, disable_dropout, half_precision_trainable
 from llamagym_pl.tiny_model import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,9 @@ def add_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(lm, config)
+    # Adapter weights in float32 even on a bf16/fp16 base (peft's default, relied on): AdamW's
+    # small updates would round away in half precision (see half_precision_trainable).
+    return get_peft_model(lm, config, autocast_adapter_dtype=True)
 
 
 def build_policy(
@@ -177,19 +179,39 @@ def build_policy(
     """The LM (optionally quantized, optionally with LoRA) and a fresh value head.
 
     See :func:`load_causal_lm` and :func:`add_lora` for the arguments; ``lora_r=0`` trains all
-    weights, which a quantized model cannot do.
+    weights, which a quantized model cannot do, nor a half-precision one (its AdamW updates
+    round away). Every dropout is off (:func:`disable_dropout`),
+    ``lora_dropout`` included: it only goes into the adapter's saved config.
     """
     if quantization != "none" and lora_r <= 0:
         raise ValueError(
             f"quantization={quantization!r} freezes the base weights: set lora_r > 0 to train a "
             "LoRA adapter on top (QLoRA), or quantization: none"
         )
+    if lora_r <= 0 and DTYPES.get(dtype) in HALF_DTYPES:  # before loading: fail at once
+        raise ValueError(_half_full_finetuning(repr(dtype)))
     lm = load_causal_lm(
         name_or_path, dtype, trust_remote_code, quantization, quant_compute_dtype, gradient_checkpointing
     )
+    half = half_precision_trainable(lm) if lora_r <= 0 else []
+    if half:  # dtype: auto, and the checkpoint is in half precision
+        resolved = str(lm.get_parameter(half[0]).dtype).removeprefix("torch.")
+        raise ValueError(_half_full_finetuning(f"'auto' (the checkpoint's {resolved})"))
     if lora_r > 0:
         lm = add_lora(lm, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    # After LoRA, whose dropout layers go too: PPO's ratios need the update's log-probs (train
+    # mode) to equal the rollout's (eval mode).
+    log.info("%s: %d dropout probabilities set to 0", name_or_path, disable_dropout(lm))
     return PolicyWithValueHead(lm)
+
+
+def _half_full_finetuning(dtype: str) -> str:
+    """The error for full fine-tuning in half precision, where AdamW's updates round away."""
+    return (
+        f"dtype={dtype} with lora_r=0 (full fine-tuning) trains half-precision weights, whose small "
+        "AdamW updates round away (most weights never change); use dtype: float32 with "
+        "trainer.precision: bf16-mixed (fp32 master weights, the activations in bf16) or LoRA (lora_r > 0)"
+    )
 
 
 def _check_dtype(name: str, value: str, allow_auto: bool) -> None:

@@ -61,7 +61,9 @@ class PPOModule(L.LightningModule):
         lora_r: LoRA rank (0: off, every LM weight trains). With LoRA only the adapter and the
             value head train, and checkpoints hold only those (the base is reloaded).
         lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
-        lora_dropout: dropout on the LoRA input.
+        lora_dropout: dropout on the LoRA input, saved in the adapter's config only: PPO trains
+            with every dropout off, so that its ratios are exact
+            (:func:`~llamagym_pl.policy.disable_dropout`).
         lora_target_modules: module names to adapt, or ``all-linear`` (every linear layer but
             the output head, whatever the architecture calls them).
         kl_coef: weight of the KL penalty to the initial policy, subtracted from each turn's

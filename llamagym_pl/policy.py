@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)
 class ValueHead(nn.Module):
     """A linear critic on the LM's last hidden state: ``(B, L, H) -> (B, L)``.
 
-    Kept in float32 whatever the LM's dtype, because value targets are small returns whose
-    regression suffers from bf16 rounding.
+    Kept in float32 whatever the LM's dtype or the trainer's precision, because value targets
+    are small returns whose regression suffers from bf16 rounding.
     """
 
     def __init__(self, hidden_size: int) -> None:
@@ -25,7 +25,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.summary(hidden.float()).squeeze(-1)  # (B, L)
+        # Under autocast (bf16-mixed) the linear would run in bf16 even on float32 inputs.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.summary(hidden.float()).squeeze(-1)  # (B, L)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -69,9 +71,68 @@ def _hidden_size(lm: nn.Module) -> int:
     raise ValueError(f"cannot find the hidden size in the config of {type(lm).__name__}")
 
 
+DROPOUT_LAYERS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def disable_dropout(module: nn.Module) -> int:
+    """Set every dropout probability in ``module`` to 0; return how many were above 0.
+
+    PPO's ratio compares the update's log-probs (train mode: Lightning's ``training_step``) with
+    the rollout's (eval mode), so any dropout left on makes the ratio differ from 1 before any
+    update (issue #12). Switching the policy to eval mode instead would also switch off
+    gradient checkpointing, which Hugging Face models run only in train mode; so, as TRL's
+    ``disable_dropout_in_model``, the probabilities go to 0 once, when the policy is built.
+
+    Turned off: dropout layers (the LM's, LoRA's ``lora_dropout``); float attributes of any
+    submodule named ``*drop*``, which Hugging Face attention passes to its kernel as a number
+    (Llama, Qwen2: ``attention_dropout``; ``layerdrop``); and the same fields of every
+    submodule's config (GPT-2's ``attn_pdrop``...), which some models read at forward time.
+    """
+    count = 0
+    configs: dict[int, object] = {}
+    for sub in module.modules():
+        if isinstance(sub, DROPOUT_LAYERS):
+            count += int(sub.p > 0)
+            sub.p = 0.0
+        count += _zero_drop_fields(sub)
+        config = vars(sub).get("config")  # shared by many submodules: zeroed once
+        if hasattr(config, "__dict__") and not isinstance(config, nn.Module):
+            configs[id(config)] = config
+    count += sum(_zero_drop_fields(config) for config in configs.values())
+    return count
+
+
+def _zero_drop_fields(obj: object) -> int:
+    """Set ``obj``'s float attributes named ``*drop*`` that are above 0 to 0; return how many."""
+    names = [k for k, v in vars(obj).items() if "drop" in k.lower() and isinstance(v, float) and v > 0]
+    for name in names:
+        setattr(obj, name, 0.0)
+    return len(names)
+
+
 def is_peft(lm: nn.Module) -> bool:
     """Whether ``lm`` is a peft model (it has ``disable_adapter``, ``merge_and_unload``...)."""
     return hasattr(lm, "peft_config") and hasattr(lm, "disable_adapter")
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def half_precision_trainable(module: nn.Module) -> list[str]:
+    """Names of ``module``'s trainable parameters stored in bfloat16 or float16.
+
+    AdamW cannot train those: an update smaller than half the weight's rounding step (bf16 keeps
+    8 significant bits) is lost, so most weights never change (lr 1e-5, 10 steps: 15% of a bf16
+    model's weights changed at all). Mixed precision keeps float32 weights instead.
+    """
+    return [name for name, p in module.named_parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
 
 
 def drop_frozen(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

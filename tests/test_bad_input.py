@@ -21,7 +21,7 @@ import gymnasium as gym
 import pytest
 import torch
 from run_args import tiny_run_args
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import llamagym_pl
 import llamagym_pl.module
@@ -144,6 +144,51 @@ def test_main_prints_a_config_error_as_one_line(tiny_model_dir: Path, tmp_path: 
     message = main_error(fit.main, args(tiny_model_dir, tmp_path, "--model.gamma", "1.5"))
     assert message.startswith("llamagym_pl.fit: error: model.gamma=1.5 is outside [0.0, 1.0]")
     assert "Traceback" not in message and DEBUG_ENV in message
+
+
+HALF_FIX = (
+    "use dtype: float32 with trainer.precision: bf16-mixed (fp32 master weights, the activations in "
+    "bf16) or LoRA (lora_r > 0)"
+)
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model saved in bfloat16, so ``dtype: auto`` resolves to half precision."""
+    model_dir = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    shutil.copytree(tiny_model_dir, model_dir)
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "auto"])
+def test_full_finetuning_in_half_precision_is_refused(
+    dtype: str, tiny_model_dir: Path, bf16_model_dir: Path, tmp_path: Path
+) -> None:
+    """AdamW's small steps round away on half-precision weights: with lr 1e-5, 10 steps changed
+    15% of the tiny model's bf16 weights at all."""
+    model_dir = bf16_model_dir if dtype == "auto" else tiny_model_dir
+    message = main_error(fit.main, args(model_dir, tmp_path, "--model.dtype", dtype))
+    line, hint = message.splitlines()
+    shown = "dtype='auto' (the checkpoint's bfloat16)" if dtype == "auto" else f"dtype={dtype!r}"
+    assert line.startswith(f"llamagym_pl.fit: error: {shown} with lora_r=0 (full fine-tuning)")
+    assert line.endswith(HALF_FIX) and DEBUG_ENV in hint
+
+
+def test_lora_on_a_half_precision_base_is_allowed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    argv = args(tiny_model_dir, tmp_path, "--model.dtype", "bfloat16", "--model.lora_r", "4")
+    trainable = [p for p in fit.build_cli(args=argv, run_fit=False).model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_imperative_loop_refuses_half_precision_trainable_weights(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    agent = BlackjackAgent(model, AutoTokenizer.from_pretrained(tiny_model_dir), "cpu")
+    with pytest.raises(ValueError) as err:
+        agent.act((12, 3, 0))
+    message = str(err.value)
+    assert "\n" not in message and "torch.bfloat16" in message
+    assert "load the model in float32" in message and "LoRA adapter whose weights are float32" in message
 
 
 def test_more_minibatches_than_the_rollout_has_episodes(tiny_model_dir: Path, tmp_path: Path) -> None:

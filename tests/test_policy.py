@@ -110,6 +110,19 @@ def test_value_head_starts_near_zero() -> None:
     assert values.abs().max() < 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_head_runs_in_float32_under_autocast(dtype: torch.dtype) -> None:
+    """Under bf16 autocast (trainer.precision: bf16-mixed) a linear layer runs in bf16 even on a
+    float32 input; the value head must not."""
+    head = ValueHead(16)
+    hidden = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)).to(dtype)  # (B, L, H)
+    expected = F.linear(hidden.float(), head.summary.weight, head.summary.bias).squeeze(-1)  # (B, L)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head(hidden)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+
+
 def test_hidden_size_not_found_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="hidden size"):
         PolicyWithValueHead(nn.Linear(3, 3))

@@ -114,6 +114,8 @@ def test_qlora_experiment_config_runs_on_cpu(tiny_model_dir: Path, tmp_path: Pat
     linear4 = [m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4 and all(m.compute_dtype == torch.bfloat16 for m in linear4)
     assert linear4[0].weight.quant_state.quant_type == "nf4"
+    trainable = [p for p in cli.model.parameters() if p.requires_grad]  # adapter and value head
+    assert trainable and all(p.dtype == torch.float32 for p in trainable), "AdamW needs fp32 weights"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "train/kl_ref" in cli.trainer.callback_metrics
