@@ -36,13 +36,15 @@ from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, mi
 from llamagym_pl.chat import build_messages, encode_prompts, prompt_start
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, derive_seed, rollout_metrics
+from llamagym_pl.sampling import build_generation_config, generate_from_settings
 from llamagym_pl.update import ppo_loss, score_rollout
 
 log = logging.getLogger(__name__)
 
 # LlamaGym's max_new_tokens. Sampling is from the untempered, untruncated softmax (LlamaGym used
 # temperature 0.9, top_p 0.6) because PPO scores replies with exactly that distribution: sampling
-# from another one makes the "old" log-probs wrong and the ratios biased.
+# from another one makes the "old" log-probs wrong and the ratios biased. For the same reason the
+# model's own generation_config.json is set aside (llamagym_pl.sampling).
 GENERATE_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 32,
     "do_sample": True,
@@ -147,9 +149,13 @@ class ImperativeConfig:
 
 
 def generation_kwargs(generate_config_dict: dict[str, Any] | None) -> dict[str, Any]:
-    """HF ``generate`` kwargs: :data:`GENERATE_DEFAULTS` updated with the user's (``generate/`` prefix ok)."""
+    """HF ``generate`` kwargs: :data:`GENERATE_DEFAULTS` updated with the user's (``generate/`` prefix ok).
+
+    They are all that generation uses: the model's ``generation_config.json`` is set aside.
+    """
     kwargs = dict(GENERATE_DEFAULTS)
     kwargs.update({k.split("/")[-1]: v for k, v in (generate_config_dict or {}).items()})
+    build_generation_config(kwargs, what="generate_config_dict")  # a typo fails here, not in act()
     if kwargs.get("do_sample") and (
         kwargs.get("temperature", 1.0) != 1.0 or kwargs.get("top_k") or kwargs.get("top_p", 1.0) < 1.0
     ):
@@ -307,7 +313,9 @@ class ImperativeTrainer:
         kwargs.setdefault("eos_token_id", tok.eos_token_id)
         self.policy.eval()
         start = time.perf_counter()
-        out = self.policy.generate(input_ids.to(self.device), attention_mask.to(self.device), **kwargs)
+        out = generate_from_settings(
+            self.policy, input_ids.to(self.device), attention_mask.to(self.device), **kwargs
+        )
         new = out[0, input_ids.shape[1] :].tolist()  # only the generated tokens
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id) + 1]

@@ -275,6 +275,8 @@ def test_config_accepts_llamagym_keys_and_rejects_unknown() -> None:
         ImperativeConfig.from_dict({"batch_size": 2})
     kwargs = generation_kwargs({"generate/max_new_tokens": 5, "generate/do_sample": True})
     assert kwargs["max_new_tokens"] == 5 and kwargs["temperature"] == 1.0 and kwargs["top_k"] == 0
+    with pytest.raises(ValueError, match=r"unknown generate_config_dict keys \['temprature'\]"):
+        generation_kwargs({"temprature": 0.7})  # a typo: not a GenerationConfig setting
 
 
 def test_act_without_model_is_a_clear_error() -> None:
@@ -295,3 +297,23 @@ def test_trl_value_head_model_is_unwrapped(tiny_model_dir: Path) -> None:
     agent = BlackjackAgent(TrlLike(), tokenizer, "cpu", FAST_GENERATE)
     agent.act((12, 3, 0))
     assert agent._imperative.policy.lm is model
+
+
+def assistant_replies(model_dir: Path, generate: dict[str, Any], training: bool = True) -> list[str]:
+    """The replies of a fresh agent (ppo seed 0) to six Blackjack observations in one episode."""
+    model, tokenizer = load(model_dir)
+    agent = BlackjackAgent(model, tokenizer, "cpu", {"max_new_tokens": 4, **generate}, {"seed": 0})
+    agent.train(training)
+    for total in range(12, 18):
+        agent.act((total, 3, 0))
+    return [m["content"] for m in agent.current_episode_messages if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["sampled", "greedy"])
+def test_checkpoint_generation_config_does_not_change_replies(
+    training: bool, tiny_model_dir: Path, processor_model_dir: Path
+) -> None:
+    """Issue #12: the checkpoint's generation_config.json (repetition penalty, banned tokens ...)
+    must not reach act(): PPO scores the plain softmax, so the same weights reply the same."""
+    shipped = assistant_replies(processor_model_dir, {}, training)
+    assert shipped == assistant_replies(tiny_model_dir, {}, training)

@@ -1,0 +1,72 @@
+"""Generation from our own settings only: a checkpoint's ``generation_config.json`` stays out.
+
+PPO scores a reply with the plain softmax of the LM's logits, so the replies must be sampled from
+exactly that distribution. Many checkpoints ship a ``generation_config.json`` with logits
+processors (``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``,
+``suppress_tokens``, ...), and passing our own ``GenerationConfig`` to ``generate`` does not
+remove them: transformers fills every key that config leaves unset from the model's
+``generation_config`` (``GenerationMixin._prepare_generation_config``). So for the duration of
+one ``generate`` call the model's config is replaced by ours (:func:`own_generation_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+GENERATION_KEYS = frozenset(GenerationConfig().to_dict())
+"""The settings a ``GenerationConfig`` has; any other key is a typo (``generate`` would reject it)."""
+
+
+def build_generation_config(settings: Mapping[str, Any], what: str = "generation") -> GenerationConfig:
+    """A ``GenerationConfig`` holding ``settings`` and nothing else (the rest are transformers' defaults).
+
+    Raises:
+        ValueError: a key that is not a ``GenerationConfig`` setting, named with ``what``.
+    """
+    unknown = sorted(set(settings) - GENERATION_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown {what} keys {unknown}: they are not transformers.GenerationConfig settings"
+        )
+    return GenerationConfig(**settings)
+
+
+@contextmanager
+def own_generation_config(lm: nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the ``generation_config`` of ``lm`` (and of every module inside it) for the block.
+
+    Every module inside ``lm`` that holds its own ``generation_config`` is swapped, not only ``lm``:
+    under a peft wrapper that is the wrapped transformers model, whose config ``generate`` reads
+    (the wrapper only forwards the attribute to it). The originals come back on exit, also after an
+    error, so the user's model is left as it was.
+    """
+    saved = [
+        (module, module.__dict__["generation_config"])
+        for module in lm.modules()
+        if isinstance(module.__dict__.get("generation_config"), GenerationConfig)
+    ]
+    try:
+        for module, _ in saved:
+            module.generation_config = config
+        yield
+    finally:
+        for module, original in saved:
+            module.generation_config = original
+
+
+def generate_from_settings(
+    policy: nn.Module, input_ids: Tensor, attention_mask: Tensor, **settings: Any
+) -> Any:
+    """``policy.generate`` with exactly ``settings``: the LM's own generation config is set aside.
+
+    ``policy`` is a :class:`~llamagym_pl.policy.PolicyWithValueHead` (its ``lm`` is the causal LM).
+    Returns what ``generate`` returns: ``(B, P + new)`` token ids unless ``settings`` ask for more.
+    """
+    config = build_generation_config(settings)
+    with own_generation_config(policy.lm, config):
+        return policy.generate(input_ids, attention_mask, generation_config=config)
