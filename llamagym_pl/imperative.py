@@ -36,7 +36,11 @@ from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, mi
 from llamagym_pl.chat import build_messages, encode_prompts, prompt_start
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, derive_seed, rollout_metrics
-from llamagym_pl.sampling import build_generation_config, generate_from_settings
+from llamagym_pl.sampling import (
+    build_generation_config,
+    generate_from_settings,
+    refuse_truncation,
+)
 from llamagym_pl.update import ppo_loss, score_rollout
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,8 @@ log = logging.getLogger(__name__)
 # LlamaGym's max_new_tokens. Sampling is from the untempered, untruncated softmax (LlamaGym used
 # temperature 0.9, top_p 0.6) because PPO scores replies with exactly that distribution: sampling
 # from another one makes the "old" log-probs wrong and the ratios biased. For the same reason the
-# model's own generation_config.json is set aside (llamagym_pl.sampling).
+# model's own generation_config.json is set aside (llamagym_pl.sampling) and training refuses
+# top_k/top_p.
 GENERATE_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 32,
     "do_sample": True,
@@ -53,6 +58,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
 }
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+GENERATE_KEY = "generate_config_dict[{!r}]"  # how errors name a generate_config_dict key
 # TRL PPOConfig names (what LlamaGym scripts pass) -> ours.
 _ALIASES = {"ppo_epochs": "update_epochs", "lam": "gae_lambda", "cliprange": "clip_coef"}
 
@@ -156,16 +162,12 @@ def generation_kwargs(generate_config_dict: dict[str, Any] | None) -> dict[str, 
     kwargs = dict(GENERATE_DEFAULTS)
     kwargs.update({k.split("/")[-1]: v for k, v in (generate_config_dict or {}).items()})
     build_generation_config(kwargs, what="generate_config_dict")  # a typo fails here, not in act()
-    if kwargs.get("do_sample") and (
-        kwargs.get("temperature", 1.0) != 1.0 or kwargs.get("top_k") or kwargs.get("top_p", 1.0) < 1.0
-    ):
+    # top_k/top_p need no warning: training refuses them (refuse_truncation), greedy play drops them.
+    if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) != 1.0:
         log.warning(
-            "generate_config_dict samples from a tempered or truncated distribution (temperature=%s, "
-            "top_k=%s, top_p=%s) but PPO scores replies with the full softmax, so its ratios are biased; "
-            "use temperature=1.0, top_k=0, top_p=1.0 for on-policy PPO",
-            kwargs.get("temperature"),
-            kwargs.get("top_k"),
-            kwargs.get("top_p"),
+            "generate_config_dict samples with temperature=%s but PPO scores replies with the untempered "
+            "softmax, so its ratios are biased; use temperature=1.0 for on-policy PPO",
+            kwargs["temperature"],
         )
     return kwargs
 
@@ -202,6 +204,8 @@ class ImperativeTrainer:
         self.agent = agent
         self.config = ImperativeConfig.from_dict(dict(ppo_config_dict or {}))
         self.generate_kwargs = generation_kwargs(generate_config_dict)
+        if training:
+            refuse_truncation(self.generate_kwargs, GENERATE_KEY)
         if tokenizer.pad_token is None:
             # Left padding needs a pad id; borrowing eos (as load_tokenizer does) leaves the vocab alone.
             tokenizer.pad_token = tokenizer.eos_token
@@ -283,6 +287,8 @@ class ImperativeTrainer:
     def set_training(self, mode: bool) -> None:
         if mode != self.training and self.episode is not None and self.episode.responses:
             raise RuntimeError("switch agent.train()/agent.eval() between episodes, not during one")
+        if mode:
+            refuse_truncation(self.generate_kwargs, GENERATE_KEY)
         self.training = mode
 
     # ------------------------------------------------------------------ acting

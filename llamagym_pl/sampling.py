@@ -21,6 +21,9 @@ from transformers import GenerationConfig
 GENERATION_KEYS = frozenset(GenerationConfig().to_dict())
 """The settings a ``GenerationConfig`` has; any other key is a typo (``generate`` would reject it)."""
 
+TRUNCATION_OFF: dict[str, Any] = {"top_k": 0, "top_p": 1.0}
+"""The values of ``top_k``/``top_p`` that sample from the whole softmax: the only ones PPO can train with."""
+
 
 def build_generation_config(settings: Mapping[str, Any], what: str = "generation") -> GenerationConfig:
     """A ``GenerationConfig`` holding ``settings`` and nothing else (the rest are transformers' defaults).
@@ -34,6 +37,25 @@ def build_generation_config(settings: Mapping[str, Any], what: str = "generation
             f"unknown {what} keys {unknown}: they are not transformers.GenerationConfig settings"
         )
     return GenerationConfig(**settings)
+
+
+def refuse_truncation(settings: Mapping[str, Any], name: str) -> None:
+    """Raise if ``settings`` sample from a top-k or top-p truncated distribution.
+
+    PPO scores a reply with the full softmax, never the truncated one it was sampled from, so its
+    ratios would be wrong. Greedy settings (``do_sample`` false) pass: the keys do nothing there.
+    ``name`` formats a key as the user wrote it, e.g. ``"data.{}"``.
+    """
+    if not settings.get("do_sample", True):
+        return
+    for key, off in TRUNCATION_OFF.items():
+        value = settings.get(key, off)
+        if value != off:  # None too: for top_k, transformers would then fall back to 50
+            raise ValueError(
+                f"{name.format(key)}={value!r} samples from a truncated distribution that PPO never scores "
+                f"(it scores the full softmax, so its ratios would be biased); remove {name.format(key)} "
+                f"or set it to {off}"
+            )
 
 
 @contextmanager

@@ -127,6 +127,8 @@ def test_agent_class_that_is_not_an_agent(
         ("data.num_envs", "0", "data.num_envs=0 must be >= 1"),
         ("data.max_new_tokens", "0", "data.max_new_tokens=0 must be >= 1"),
         ("data.temperature", "0", "data.temperature=0.0 must be > 0"),
+        ("data.top_k", "40", "data.top_k=40 samples from a truncated distribution that PPO never scores"),
+        ("data.top_p", "0.9", "data.top_p=0.9 samples from a truncated distribution that PPO never scores"),
         ("data.max_env_errors", "-1", "data.max_env_errors=-1 must be >= 0"),
         ("data.max_prompt_tokens", "0", "data.max_prompt_tokens=0 must be >= 1"),
         ("model.num_minibatches", "17", "model.num_minibatches=17 is more than a rollout can have"),

@@ -317,3 +317,19 @@ def test_checkpoint_generation_config_does_not_change_replies(
     must not reach act(): PPO scores the plain softmax, so the same weights reply the same."""
     shipped = assistant_replies(processor_model_dir, {}, training)
     assert shipped == assistant_replies(tiny_model_dir, {}, training)
+
+
+@pytest.mark.parametrize(("key", "value"), [("top_p", 0.6), ("top_k", 10)])
+def test_truncated_sampling_is_refused_for_training(key: str, value: float, tiny_model_dir: Path) -> None:
+    """PPO never scores a top-k/top-p truncated distribution; greedy play ignores both keys."""
+    model, tokenizer = load(tiny_model_dir)
+    agent = BlackjackAgent(model, tokenizer, "cpu", {**FAST_GENERATE, key: value})
+    message = rf"generate_config_dict\['{key}'\]={value} samples from a truncated distribution"
+    with pytest.raises(ValueError, match=message):
+        agent.act((12, 3, 0))
+    agent.eval()
+    assert agent.act((12, 3, 0)) in (0, 1)
+    agent.terminate_episode()
+    with pytest.raises(ValueError, match=message):
+        agent.train()
+    assert not agent.training
