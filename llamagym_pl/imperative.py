@@ -39,6 +39,7 @@ from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, derive_see
 from llamagym_pl.sampling import (
     build_generation_config,
     generate_from_settings,
+    off_policy_keys,
     refuse_truncation,
 )
 from llamagym_pl.update import ppo_loss, score_rollout
@@ -157,17 +158,22 @@ class ImperativeConfig:
 def generation_kwargs(generate_config_dict: dict[str, Any] | None) -> dict[str, Any]:
     """HF ``generate`` kwargs: :data:`GENERATE_DEFAULTS` updated with the user's (``generate/`` prefix ok).
 
-    They are all that generation uses: the model's ``generation_config.json`` is set aside.
+    They are all that generation uses (the model's ``generation_config.json`` is set aside). Keys
+    that make sampling differ from the plain softmax PPO scores (a temperature, or logits
+    processors such as ``repetition_penalty``) are applied, with a warning that PPO is off-policy.
     """
     kwargs = dict(GENERATE_DEFAULTS)
     kwargs.update({k.split("/")[-1]: v for k, v in (generate_config_dict or {}).items()})
     build_generation_config(kwargs, what="generate_config_dict")  # a typo fails here, not in act()
-    # top_k/top_p need no warning: training refuses them (refuse_truncation), greedy play drops them.
+    off_policy = off_policy_keys(kwargs)
     if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) != 1.0:
+        off_policy.insert(0, f"temperature={kwargs['temperature']}")
+    if off_policy:
         log.warning(
-            "generate_config_dict samples with temperature=%s but PPO scores replies with the untempered "
-            "softmax, so its ratios are biased; use temperature=1.0 for on-policy PPO",
-            kwargs["temperature"],
+            "generate_config_dict sets %s: sampling then differs from the plain softmax that PPO scores "
+            "replies with, so PPO is off-policy and its ratios are biased; for on-policy PPO remove these "
+            "keys and keep temperature=1.0",
+            ", ".join(off_policy),
         )
     return kwargs
 

@@ -21,8 +21,28 @@ from transformers import GenerationConfig
 GENERATION_KEYS = frozenset(GenerationConfig().to_dict())
 """The settings a ``GenerationConfig`` has; any other key is a typo (``generate`` would reject it)."""
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+"""Settings that shape the sampling distribution (ignored by greedy decoding)."""
+
 TRUNCATION_OFF: dict[str, Any] = {"top_k": 0, "top_p": 1.0}
 """The values of ``top_k``/``top_p`` that sample from the whole softmax: the only ones PPO can train with."""
+
+NEUTRAL_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "do_sample",
+        "pad_token_id",
+        "eos_token_id",
+        "bos_token_id",
+        "use_cache",
+        "cache_implementation",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
+    }
+)
+"""Settings that leave every token's distribution alone (length, stopping, ids, caching, outputs)."""
 
 
 def build_generation_config(settings: Mapping[str, Any], what: str = "generation") -> GenerationConfig:
@@ -56,6 +76,12 @@ def refuse_truncation(settings: Mapping[str, Any], name: str) -> None:
                 f"(it scores the full softmax, so its ratios would be biased); remove {name.format(key)} "
                 f"or set it to {off}"
             )
+
+
+def off_policy_keys(settings: Mapping[str, Any]) -> list[str]:
+    """The keys of ``settings`` that add a logits processor (repetition penalty, banned words ...):
+    sampling with them is not the plain softmax PPO scores. Temperature/top-k/top-p not included."""
+    return sorted(set(settings) - NEUTRAL_KEYS - set(SAMPLING_KEYS))
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,6 +318,24 @@ def test_checkpoint_generation_config_does_not_change_replies(
     must not reach act(): PPO scores the plain softmax, so the same weights reply the same."""
     shipped = assistant_replies(processor_model_dir, {}, training)
     assert shipped == assistant_replies(tiny_model_dir, {}, training)
+
+
+def test_extra_generate_keys_are_applied_with_an_off_policy_warning(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    numbers = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids(
+        [str(n) for n in range(101)]
+    )
+    with caplog.at_level(logging.WARNING, logger=imperative.__name__):
+        plain = assistant_replies(tiny_model_dir, {})
+        shaped = assistant_replies(tiny_model_dir, {"suppress_tokens": numbers, "repetition_penalty": 1.2})
+    [record] = [r for r in caplog.records if r.name == imperative.__name__]  # none for the plain agent
+    assert "off-policy" in record.message
+    assert "repetition_penalty" in record.message and "suppress_tokens" in record.message
+    words = [word for reply in plain for word in reply.split()]
+    assert any(word.isdigit() for word in words), "the check needs a plain reply with a number"
+    assert shaped != plain
+    assert not any(word.isdigit() for reply in shaped for word in reply.split())  # numbers suppressed
 
 
 @pytest.mark.parametrize(("key", "value"), [("top_p", 0.6), ("top_k", 10)])
