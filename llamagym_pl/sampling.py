@@ -46,7 +46,8 @@ NEUTRAL_KEYS = frozenset(
 
 
 def build_generation_config(settings: Mapping[str, Any], what: str = "generation") -> GenerationConfig:
-    """A ``GenerationConfig`` holding ``settings`` and nothing else (the rest are transformers' defaults).
+    """A ``GenerationConfig`` holding ``settings`` and nothing else (the rest are transformers' defaults,
+    except that sampling without a ``top_k`` samples from the whole softmax).
 
     Raises:
         ValueError: a key that is not a ``GenerationConfig`` setting, named with ``what``.
@@ -56,6 +57,9 @@ def build_generation_config(settings: Mapping[str, Any], what: str = "generation
         raise ValueError(
             f"unknown {what} keys {unknown}: they are not transformers.GenerationConfig settings"
         )
+    if settings.get("do_sample"):
+        # Unset, top_k would not be off: transformers falls back to its global default, top_k=50.
+        settings = {"top_k": 0, **settings}
     return GenerationConfig(**settings)
 
 

@@ -86,3 +86,25 @@ def test_own_generation_config_restores_the_model_config_also_after_an_error(
         raise RuntimeError("boom")
     assert base.generation_config is shipped and shipped.repetition_penalty == 1.5
     assert "generation_config" not in vars(policy.lm)  # the peft wrapper gained no attribute
+
+
+def test_sampling_without_top_k_is_not_truncated(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Left unset, top_k would be transformers' global default, 50: a truncated softmax."""
+    messages = build_messages(tiny_tokenizer, "you play blackjack .", ["your sum is 14 ."], [])
+    input_ids, attention_mask = encode_prompts(tiny_tokenizer, [messages])  # (1, P)
+    out = generate_from_settings(
+        tiny_policy.eval(),
+        input_ids,
+        attention_mask,
+        do_sample=True,
+        max_new_tokens=NEW_TOKENS,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        output_scores=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    for scores, logits in zip(out.scores, out.logits, strict=True):
+        torch.testing.assert_close(scores, logits, rtol=0, atol=0)  # (1, V): nothing cut to -inf
