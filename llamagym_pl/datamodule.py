@@ -12,6 +12,7 @@ from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, RolloutDataset, build_buffer
 from llamagym_pl.evaluation import evaluate
 from llamagym_pl.rollout import InvalidActionPolicy, RolloutCollector, RolloutStats, derive_seed
+from llamagym_pl.sampling import refuse_truncation
 from llamagym_pl.score_buffer import ScoreBuffer, ScoreDataset, build_score_buffer
 from llamagym_pl.scoring import ScoreNormalization
 from llamagym_pl.scoring_rollout import ScoringCollector
@@ -34,8 +35,9 @@ class RolloutDataModule(L.LightningDataModule):
         max_new_tokens: reply length limit in tokens.
         temperature: sampling temperature; PPO scores log-probs, entropy and the KL penalty at the
             same temperature (the distribution sampled from).
-        top_k: top-k sampling (0: off; keep it off for on-policy PPO).
-        top_p: nucleus sampling (1.0: off).
+        top_k: kept so old configs parse; only 0 (off) is accepted: PPO scores replies with the
+            full softmax, never a top-k truncated one.
+        top_p: kept so old configs parse; only 1.0 (off) is accepted, as for ``top_k``.
         invalid_action: ``random`` or ``fixed``: the action played when a reply is invalid.
         fallback_action: the action for ``invalid_action: fixed``.
         invalid_penalty: reward added on an invalid reply (e.g. -0.1; the logged env return
@@ -107,6 +109,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_env_errors={max_env_errors} must be >= 0 (0: abort on the first)")
         if temperature <= 0:
             raise ValueError(f"data.temperature={temperature} must be > 0 (use greedy evaluation instead)")
+        refuse_truncation({"top_k": top_k, "top_p": top_p}, "data.{}")
         self.save_hyperparameters(ignore=["agent"])
         self.agent = agent
         self.collector: RolloutCollector | None = None

@@ -36,13 +36,21 @@ from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, mi
 from llamagym_pl.chat import build_messages, left_pad, prompt_start, prompt_token_ids
 from llamagym_pl.policy import PolicyWithValueHead, disable_dropout, half_precision_trainable
 from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, cut_at_eos, derive_seed, rollout_metrics
+from llamagym_pl.sampling import (
+    build_generation_config,
+    generate_from_settings,
+    off_policy_keys,
+    refuse_truncation,
+)
 from llamagym_pl.update import ppo_loss, score_rollout
 
 log = logging.getLogger(__name__)
 
-# LlamaGym's max_new_tokens. Sampling is from the untempered, untruncated softmax (LlamaGym used
-# temperature 0.9, top_p 0.6) because PPO scores replies with exactly that distribution: sampling
-# from another one makes the "old" log-probs wrong and the ratios biased.
+# LlamaGym's max_new_tokens. Sampling is from the untruncated softmax at `temperature` (LlamaGym
+# used temperature 0.9, top_p 0.6) because PPO scores replies with exactly that distribution
+# (log-probs at the same temperature): sampling from another one makes the "old" log-probs wrong
+# and the ratios biased. For the same reason the model's own generation_config.json is set aside
+# (llamagym_pl.sampling) and training refuses top_k/top_p.
 GENERATE_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 32,
     "do_sample": True,
@@ -51,6 +59,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
 }
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+GENERATE_KEY = "generate_config_dict[{!r}]"  # how errors name a generate_config_dict key
 # TRL PPOConfig names (what LlamaGym scripts pass) -> ours.
 _ALIASES = {"ppo_epochs": "update_epochs", "lam": "gae_lambda", "cliprange": "clip_coef"}
 
@@ -147,19 +156,23 @@ class ImperativeConfig:
 
 
 def generation_kwargs(generate_config_dict: dict[str, Any] | None) -> dict[str, Any]:
-    """HF ``generate`` kwargs: :data:`GENERATE_DEFAULTS` updated with the user's (``generate/`` prefix ok)."""
+    """HF ``generate`` kwargs: :data:`GENERATE_DEFAULTS` updated with the user's (``generate/`` prefix ok).
+
+    They are all that generation uses (the model's ``generation_config.json`` is set aside). Keys
+    that make sampling differ from the softmax PPO scores (logits processors such as
+    ``repetition_penalty``) are applied, with a warning that PPO is off-policy. A temperature is
+    fine: PPO scores at the same one.
+    """
     kwargs = dict(GENERATE_DEFAULTS)
     kwargs.update({k.split("/")[-1]: v for k, v in (generate_config_dict or {}).items()})
-    if kwargs.get("do_sample") and (
-        kwargs.get("temperature", 1.0) != 1.0 or kwargs.get("top_k") or kwargs.get("top_p", 1.0) < 1.0
-    ):
+    build_generation_config(kwargs, what="generate_config_dict")  # a typo fails here, not in act()
+    off_policy = off_policy_keys(kwargs)
+    if off_policy:
         log.warning(
-            "generate_config_dict samples from a tempered or truncated distribution (temperature=%s, "
-            "top_k=%s, top_p=%s) but PPO scores replies with the full softmax, so its ratios are biased; "
-            "use temperature=1.0, top_k=0, top_p=1.0 for on-policy PPO",
-            kwargs.get("temperature"),
-            kwargs.get("top_k"),
-            kwargs.get("top_p"),
+            "generate_config_dict sets %s: sampling then differs from the softmax that PPO scores "
+            "replies with, so PPO is off-policy and its ratios are biased; for on-policy PPO remove these "
+            "keys",
+            ", ".join(off_policy),
         )
     return kwargs
 
@@ -214,6 +227,8 @@ class ImperativeTrainer:
         self.agent = agent
         self.config = ImperativeConfig.from_dict(dict(ppo_config_dict or {}))
         self.generate_kwargs = generation_kwargs(generate_config_dict)
+        if training:
+            refuse_truncation(self.generate_kwargs, GENERATE_KEY)
         if tokenizer.pad_token is None:
             # Left padding needs a pad id; borrowing eos (as load_tokenizer does) leaves the vocab alone.
             tokenizer.pad_token = tokenizer.eos_token
@@ -297,6 +312,8 @@ class ImperativeTrainer:
     def set_training(self, mode: bool) -> None:
         if mode != self.training and self.episode is not None and self.episode.responses:
             raise RuntimeError("switch agent.train()/agent.eval() between episodes, not during one")
+        if mode:
+            refuse_truncation(self.generate_kwargs, GENERATE_KEY)
         self.training = mode
 
     # ------------------------------------------------------------------ acting
@@ -334,7 +351,9 @@ class ImperativeTrainer:
         kwargs.setdefault("eos_token_id", tok.eos_token_id)
         self.policy.eval()
         start = time.perf_counter()
-        out = self.policy.generate(input_ids.to(self.device), attention_mask.to(self.device), **kwargs)
+        out = generate_from_settings(
+            self.policy, input_ids.to(self.device), attention_mask.to(self.device), **kwargs
+        )
         new = cut_at_eos(out[0, input_ids.shape[1] :].tolist(), tok.eos_token_id)  # only the new tokens
         if self.training:
             self._batch_start = self._batch_start or start

@@ -26,6 +26,7 @@ from llamagym_pl.chat import (
     prompt_token_ids,
 )
 from llamagym_pl.guards import ConfigError, EnvFaults, check_context, raise_if_interrupted
+from llamagym_pl.sampling import generate_from_settings
 
 InvalidActionPolicy = Literal["random", "fixed"]
 
@@ -113,7 +114,10 @@ class RolloutCollector:
         agent: the user's :class:`Agent` (formats observations, parses replies).
         num_envs: envs played side by side (the generation batch size).
         max_new_tokens: reply length limit.
-        temperature, top_k, top_p: sampling settings when not greedy (``top_k=0`` is off).
+        temperature, top_k, top_p: sampling settings when not greedy (``top_k=0`` is off). With
+            ``max_new_tokens`` they are all that generation uses: the model's own
+            ``generation_config.json`` (repetition penalty ...) is set aside
+            (see :mod:`llamagym_pl.sampling`).
         invalid_action: what an unparsable or out-of-space reply does: ``random`` samples a
             seeded random action, ``fixed`` plays ``fallback_action``.
         fallback_action: the action for ``invalid_action="fixed"``.
@@ -383,7 +387,8 @@ class RolloutCollector:
                 "top_p": self.top_p,
             }
         )
-        out = policy.generate(
+        out = generate_from_settings(  # not policy.generate: the checkpoint's own settings stay out
+            policy,
             input_ids,
             attention_mask,
             max_new_tokens=self.max_new_tokens,

@@ -7,13 +7,14 @@ too.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from llamagym_pl.loading import load_causal_lm
 from llamagym_pl.policy import PolicyWithValueHead
@@ -101,6 +102,24 @@ def _saved_and_loaded(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> PreT
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def processor_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (same weights) with a ``generation_config.json`` that adds logits processors,
+    as many instruct checkpoints ship: sampling must ignore it, since PPO scores the plain softmax.
+
+    Besides the usual repetition penalty, n-gram ban and minimum length it bans the 101 number
+    words (a fifth of the vocabulary): the random tiny model's logits are so flat that the first
+    three alone change only a few of its sampled tokens.
+    """
+    out_dir = tmp_path_factory.mktemp("models") / "tiny-processors"
+    shutil.copytree(tiny_model_dir, out_dir)
+    numbers = AutoTokenizer.from_pretrained(out_dir).convert_tokens_to_ids([str(n) for n in range(101)])
+    config = GenerationConfig.from_pretrained(out_dir)
+    config.update(repetition_penalty=1.5, no_repeat_ngram_size=1, min_new_tokens=4, suppress_tokens=numbers)
+    config.save_pretrained(out_dir)
+    return out_dir
 
 
 @pytest.fixture(scope="session")

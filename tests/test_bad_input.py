@@ -127,6 +127,8 @@ def test_agent_class_that_is_not_an_agent(
         ("data.num_envs", "0", "data.num_envs=0 must be >= 1"),
         ("data.max_new_tokens", "0", "data.max_new_tokens=0 must be >= 1"),
         ("data.temperature", "0", "data.temperature=0.0 must be > 0"),
+        ("data.top_k", "40", "data.top_k=40 samples from a truncated distribution that PPO never scores"),
+        ("data.top_p", "0.9", "data.top_p=0.9 samples from a truncated distribution that PPO never scores"),
         ("data.max_env_errors", "-1", "data.max_env_errors=-1 must be >= 0"),
         ("data.max_prompt_tokens", "0", "data.max_prompt_tokens=0 must be >= 1"),
         ("model.num_minibatches", "17", "model.num_minibatches=17 is more than a rollout can have"),
@@ -322,8 +324,11 @@ def test_format_observation_returning_non_text(
 def test_empty_generation_is_an_invalid_action(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    # With one new token, forced to be eos, every reply is empty.
-    tiny_policy.lm.generation_config.forced_eos_token_id = tiny_tokenizer.eos_token_id
+    # With one new token, always eos, every reply is empty. The eos logit is raised in the model
+    # itself: its generation_config (forced_eos_token_id) no longer reaches rollouts (issue #12).
+    eos = torch.tensor([tiny_tokenizer.eos_token_id])
+    head = tiny_policy.lm.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, eos, 1e4))
     c = RolloutCollector("Blackjack-v1", None, BlackjackAgent(), 4, max_new_tokens=1)
     stats = play(c, tiny_policy, tiny_tokenizer)
     assert {r for ep in stats.episodes for r in ep.responses} == {""}

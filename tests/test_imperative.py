@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,6 +276,8 @@ def test_config_accepts_llamagym_keys_and_rejects_unknown() -> None:
         ImperativeConfig.from_dict({"batch_size": 2})
     kwargs = generation_kwargs({"generate/max_new_tokens": 5, "generate/do_sample": True})
     assert kwargs["max_new_tokens"] == 5 and kwargs["temperature"] == 1.0 and kwargs["top_k"] == 0
+    with pytest.raises(ValueError, match=r"unknown generate_config_dict keys \['temprature'\]"):
+        generation_kwargs({"temprature": 0.7})  # a typo: not a GenerationConfig setting
 
 
 def test_act_without_model_is_a_clear_error() -> None:
@@ -295,3 +298,57 @@ def test_trl_value_head_model_is_unwrapped(tiny_model_dir: Path) -> None:
     agent = BlackjackAgent(TrlLike(), tokenizer, "cpu", FAST_GENERATE)
     agent.act((12, 3, 0))
     assert agent._imperative.policy.lm is model
+
+
+def assistant_replies(model_dir: Path, generate: dict[str, Any], training: bool = True) -> list[str]:
+    """The replies of a fresh agent (ppo seed 0) to six Blackjack observations in one episode."""
+    model, tokenizer = load(model_dir)
+    agent = BlackjackAgent(model, tokenizer, "cpu", {"max_new_tokens": 4, **generate}, {"seed": 0})
+    agent.train(training)
+    for total in range(12, 18):
+        agent.act((total, 3, 0))
+    return [m["content"] for m in agent.current_episode_messages if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["sampled", "greedy"])
+def test_checkpoint_generation_config_does_not_change_replies(
+    training: bool, tiny_model_dir: Path, processor_model_dir: Path
+) -> None:
+    """Issue #12: the checkpoint's generation_config.json (repetition penalty, banned tokens ...)
+    must not reach act(): PPO scores the plain softmax, so the same weights reply the same."""
+    shipped = assistant_replies(processor_model_dir, {}, training)
+    assert shipped == assistant_replies(tiny_model_dir, {}, training)
+
+
+def test_extra_generate_keys_are_applied_with_an_off_policy_warning(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    numbers = AutoTokenizer.from_pretrained(tiny_model_dir).convert_tokens_to_ids(
+        [str(n) for n in range(101)]
+    )
+    with caplog.at_level(logging.WARNING, logger=imperative.__name__):
+        plain = assistant_replies(tiny_model_dir, {})
+        shaped = assistant_replies(tiny_model_dir, {"suppress_tokens": numbers, "repetition_penalty": 1.2})
+    [record] = [r for r in caplog.records if r.name == imperative.__name__]  # none for the plain agent
+    assert "off-policy" in record.message
+    assert "repetition_penalty" in record.message and "suppress_tokens" in record.message
+    words = [word for reply in plain for word in reply.split()]
+    assert any(word.isdigit() for word in words), "the check needs a plain reply with a number"
+    assert shaped != plain
+    assert not any(word.isdigit() for reply in shaped for word in reply.split())  # numbers suppressed
+
+
+@pytest.mark.parametrize(("key", "value"), [("top_p", 0.6), ("top_k", 10)])
+def test_truncated_sampling_is_refused_for_training(key: str, value: float, tiny_model_dir: Path) -> None:
+    """PPO never scores a top-k/top-p truncated distribution; greedy play ignores both keys."""
+    model, tokenizer = load(tiny_model_dir)
+    agent = BlackjackAgent(model, tokenizer, "cpu", {**FAST_GENERATE, key: value})
+    message = rf"generate_config_dict\['{key}'\]={value} samples from a truncated distribution"
+    with pytest.raises(ValueError, match=message):
+        agent.act((12, 3, 0))
+    agent.eval()
+    assert agent.act((12, 3, 0)) in (0, 1)
+    agent.terminate_episode()
+    with pytest.raises(ValueError, match=message):
+        agent.train()
+    assert not agent.training

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -11,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.agents.blackjack import HIT, STICK
+from llamagym_pl.loading import load_causal_lm
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import Episode, RolloutCollector, rollout_metrics
 
@@ -233,3 +235,23 @@ def test_collect_restores_the_policy_mode(
     tiny_policy.train()
     collector(num_envs=2).collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
     assert tiny_policy.training
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
+def test_checkpoint_generation_config_does_not_change_replies(
+    greedy: bool,
+    processor_model_dir: Path,
+    tiny_policy: PolicyWithValueHead,
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Issue #12: a checkpoint's repetition penalty, n-gram ban and minimum length must not reach
+    sampling (PPO scores the plain softmax): the same weights play the same replies without them."""
+    shipped = PolicyWithValueHead(load_causal_lm(str(processor_model_dir)))
+    assert shipped.lm.generation_config.repetition_penalty == 1.5
+
+    def replies(policy: PolicyWithValueHead) -> list[list[str]]:
+        stats = collector().collect(policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=3, greedy=greedy)
+        return [ep.responses for ep in stats.episodes]
+
+    assert replies(shipped) == replies(tiny_policy)
+    assert shipped.lm.generation_config.repetition_penalty == 1.5  # the model's own config is back
