@@ -7,7 +7,10 @@ The penalty is then credited through the value function like any other reward, s
 *future* turns too (a turn that drifts the conversation off-distribution pays later), and the
 PPO loss itself stays the plain clipped surrogate. A loss term (GRPO-style) would only see the
 current token. The per-token sum is the "k1" estimator: unbiased for KL(pi || pi_ref) over the
-turn's tokens, though single samples can be negative.
+turn's tokens, though single samples can be negative. In score mode the acting policy is the
+softmax over candidate actions, so the penalty is ``log pi(a) - log pi_ref(a)`` of the chosen
+candidate under it (see :func:`llamagym_pl.score_update.score_candidates`). Both are taken at the
+sampling temperature, the distributions the policy acts with.
 
 :class:`ReferencePolicy` gives pi_ref without a second copy when the policy has a LoRA adapter
 (the base model with the adapter switched off *is* the initial policy, since LoRA starts with
