@@ -1,4 +1,4 @@
-"""`RolloutDataModule`: fresh episodes from Gymnasium envs every epoch."""
+"""`RolloutDataModule`: fresh, whole episodes from Gymnasium envs every epoch."""
 
 from __future__ import annotations
 
@@ -22,15 +22,20 @@ class RolloutDataModule(L.LightningDataModule):
 
     ``train_dataloader`` is called again every epoch (the Trainer runs with
     ``reload_dataloaders_every_n_epochs=1``), so each epoch trains on episodes played by the
-    policy as it is at that epoch's start.
+    policy as it is at that epoch's start. The rollout plays whole episodes: none is cut, so every
+    state of a long episode is trained on and ``rollout/return_mean`` averages whole episodes.
+    An env whose episodes may never end needs ``max_episode_steps`` (see
+    :meth:`~llamagym_pl.rollout.RolloutCollector.collect`).
 
     Args:
         agent: the :class:`~llamagym_pl.agent.Agent` (``class_path`` in YAML).
         env_id: Gymnasium env id.
         env_kwargs: keyword arguments for ``gym.make``.
         num_envs: envs played side by side; their replies are generated in one batch.
-        steps_per_env: turns each env plays per epoch (episodes running at the end are cut and
-            bootstrapped from the value of their next state).
+        steps_per_env: epoch size in turns: each env starts episodes until it has played this
+            many turns, and the episode running then plays to its end. Without a time limit, an
+            env that plays more than 100 times this in one rollout stops training with an error
+            naming ``max_episode_steps``.
         max_new_tokens: reply length limit in tokens.
         temperature: sampling temperature.
         top_k: top-k sampling (0: off; keep it off for on-policy PPO).
@@ -39,7 +44,8 @@ class RolloutDataModule(L.LightningDataModule):
         fallback_action: the action for ``invalid_action: fixed``.
         invalid_penalty: reward added on an invalid reply (e.g. -0.1; the logged env return
             excludes it).
-        max_episode_steps: optional Gymnasium time limit (truncation, bootstrapped).
+        max_episode_steps: optional Gymnasium time limit (truncation, bootstrapped). Needed by an
+            env whose episodes may never end: rollouts play every episode to its end.
         seed: run seed; env and sampling seeds derive from (seed, epoch, rank, env, episode).
         num_transcripts: sample conversations logged as text every ``transcript_every`` epochs.
         transcript_every: epochs between transcript logs.
@@ -206,6 +212,6 @@ class RolloutDataModule(L.LightningDataModule):
                 lines.append(f"**user**: {ep.observations[t]}")
                 flag = " *(invalid)*" if ep.invalid[t] else ""
                 lines.append(f"**assistant**: {response}{flag}  (reward {ep.rewards[t]:+.2f})")
-            lines.append(f"return {ep.env_return:+.2f}, {'done' if ep.done else 'cut by rollout'}")
+            lines.append(f"return {ep.env_return:+.2f}, {'terminated' if ep.terminated else 'truncated'}")
             out.append("  \n".join(lines))
         return out
