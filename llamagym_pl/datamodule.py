@@ -16,6 +16,9 @@ from llamagym_pl.score_buffer import ScoreBuffer, ScoreDataset, build_score_buff
 from llamagym_pl.scoring import ScoreNormalization
 from llamagym_pl.scoring_rollout import ScoringCollector
 
+DEFAULT_STEPS_PER_ENV = 8
+"""The epoch size when neither ``steps_per_env`` nor ``episodes_per_env`` is set."""
+
 
 class RolloutDataModule(L.LightningDataModule):
     """Plays ``num_envs`` envs with the current policy and serves the rollout as minibatches.
@@ -33,9 +36,12 @@ class RolloutDataModule(L.LightningDataModule):
         env_kwargs: keyword arguments for ``gym.make``.
         num_envs: envs played side by side; their replies are generated in one batch.
         steps_per_env: epoch size in turns: each env starts episodes until it has played this
-            many turns, and the episode running then plays to its end. Without a time limit, an
-            env that plays more than 100 times this in one rollout stops training with an error
-            naming ``max_episode_steps``.
+            many turns, and the episode running then plays to its end (default 8 when
+            ``episodes_per_env`` is unset too). Without a time limit, an env that plays more than
+            100 times this in one rollout stops training with an error naming ``max_episode_steps``.
+        episodes_per_env: epoch size in whole episodes per env, instead of ``steps_per_env``
+            (set one of the two). No runaway check here: an env whose episodes may never end
+            needs ``max_episode_steps``.
         max_new_tokens: reply length limit in tokens.
         temperature: sampling temperature.
         top_k: top-k sampling (0: off; keep it off for on-policy PPO).
@@ -75,7 +81,8 @@ class RolloutDataModule(L.LightningDataModule):
         env_id: str = "Blackjack-v1",
         env_kwargs: dict[str, Any] | None = None,
         num_envs: int = 16,
-        steps_per_env: int = 8,
+        steps_per_env: int | None = None,
+        episodes_per_env: int | None = None,
         max_new_tokens: int = 8,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -99,12 +106,18 @@ class RolloutDataModule(L.LightningDataModule):
             raise TypeError(
                 f"data.agent must be an llamagym_pl.Agent subclass instance, got {type(agent).__name__}"
             )
+        if steps_per_env is not None and episodes_per_env is not None:
+            raise ValueError(
+                f"data.steps_per_env={steps_per_env} and data.episodes_per_env={episodes_per_env}: "
+                "set one of the two (the other to null)"
+            )
         for name, value in {
             "num_envs": num_envs,
             "steps_per_env": steps_per_env,
+            "episodes_per_env": episodes_per_env,
             "max_new_tokens": max_new_tokens,
         }.items():
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"data.{name}={value} must be >= 1")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
             raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens} must be >= 1 (or null: no budget)")
@@ -119,6 +132,15 @@ class RolloutDataModule(L.LightningDataModule):
         self.buffer: RolloutBuffer | None = None
         self.score_buffer: ScoreBuffer | None = None  # policy: score only
         self.last_stats: RolloutStats | None = None
+
+    @property
+    def budget(self) -> dict[str, int]:
+        """The training rollout's size, as :meth:`RolloutCollector.collect` takes it:
+        ``{"steps_per_env": n}`` or ``{"episodes_per_env": n}``."""
+        if self.hparams.episodes_per_env is not None:
+            return {"episodes_per_env": self.hparams.episodes_per_env}
+        steps = self.hparams.steps_per_env
+        return {"steps_per_env": DEFAULT_STEPS_PER_ENV if steps is None else steps}
 
     def make_collector(self, num_envs: int) -> RolloutCollector:
         """A collector with this module's env, agent and generation settings."""
@@ -181,7 +203,7 @@ class RolloutDataModule(L.LightningDataModule):
                 seed=self.hparams.seed,
                 epoch=epoch,
                 rank=rank,
-                steps_per_env=self.hparams.steps_per_env,
+                **self.budget,
             )
         self.last_stats = stats
         self.buffer = build_buffer(module.tokenizer, stats.episodes)

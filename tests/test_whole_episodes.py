@@ -1,6 +1,6 @@
 """Rollouts play whole episodes (issue #12, item 9): a step budget lets the episode running at its
-end finish, so long episodes reach their late states in training; an episode that never ends
-stops the rollout with an error."""
+end finish, so long episodes reach their late states in training; ``data.episodes_per_env`` sizes
+an epoch in episodes; an episode that never ends stops the rollout with an error."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl.agents import BlackjackAgent
-from llamagym_pl.fit import build_cli
-from llamagym_pl.guards import ConfigError
+from llamagym_pl.datamodule import RolloutDataModule
+from llamagym_pl.fit import build_cli, main
+from llamagym_pl.guards import DEBUG_ENV, ConfigError
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import RolloutCollector, rollout_metrics
 from llamagym_pl.tb import read_scalars
@@ -57,13 +58,18 @@ def turn_of(observation: str) -> int:
     return int(observation.split("Your sum is ")[1].split(".")[0])
 
 
+@pytest.mark.parametrize(
+    "budget",
+    [("--data.steps_per_env", "4"), ("--data.steps_per_env", "null", "--data.episodes_per_env", "1")],
+    ids=["steps_per_env", "episodes_per_env"],
+)
 def test_a_small_budget_trains_on_every_turn_of_50_turn_episodes(
-    tiny_model_dir: Path, tmp_path: Path
+    budget: tuple[str, ...], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # 2 envs, 4 turns each: each env's first episode runs on to its 50th turn. No evaluation.
     args = tiny_run_args(
-        *(CONFIG, tiny_model_dir, tmp_path, "--data.env_id", TURNS, "--data.num_envs", "2"),
-        *("--data.steps_per_env", "4", "--trainer.check_val_every_n_epoch", "2"),
+        *(CONFIG, tiny_model_dir, tmp_path, "--data.env_id", TURNS, "--data.num_envs", "2", *budget),
+        *("--trainer.check_val_every_n_epoch", "2"),
     )  # fmt: skip
     cli = build_cli(args=args)
     data = cli.datamodule
@@ -129,3 +135,31 @@ def test_an_episode_that_never_ends_stops_the_rollout(
     stats = limited.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
     (episode,) = stats.episodes
     assert episode.truncated and episode.num_turns == 120 and len(episode.observations) == 121
+
+
+def test_steps_and_episodes_per_env_exclude_each_other(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data.steps_per_env=4 and data.episodes_per_env=2: set one"):
+        RolloutDataModule(BlackjackAgent(), steps_per_env=4, episodes_per_env=2)
+    with pytest.raises(ValueError, match=r"data.episodes_per_env=0 must be >= 1"):
+        RolloutDataModule(BlackjackAgent(), episodes_per_env=0)
+    assert RolloutDataModule(BlackjackAgent()).budget == {"steps_per_env": 8}  # the default
+    assert RolloutDataModule(BlackjackAgent(), episodes_per_env=3).budget == {"episodes_per_env": 3}
+    # From the command line: one line, naming the fix.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(DEBUG_ENV, raising=False)
+        with pytest.raises(SystemExit) as exit_info:
+            main(tiny_run_args(CONFIG, tiny_model_dir, tmp_path, "--data.episodes_per_env", "2"))
+    message = exit_info.value.code
+    assert isinstance(message, str) and "Traceback" not in message
+    assert message.startswith("llamagym_pl.fit: error: data.steps_per_env=4 and data.episodes_per_env=2")
+
+
+def test_more_minibatches_than_whole_episodes_is_a_config_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # 4 envs x 1 episode: exactly 4 episodes, so at most 4 minibatches.
+    budget = ("--data.steps_per_env", "null", "--data.episodes_per_env", "1", "--model.num_minibatches", "5")
+    with pytest.raises(ConfigError) as err:
+        build_cli(args=tiny_run_args(CONFIG, tiny_model_dir, tmp_path, *budget), run_fit=False)
+    assert str(err.value) == (
+        "model.num_minibatches=5 is more than a rollout can have episodes "
+        "(data.num_envs x data.episodes_per_env = 4); lower it to at most 4"
+    )
