@@ -242,7 +242,8 @@ class MinibatchSampler(Sampler[list[int]]):
             raise ValueError(
                 f"the rollout has {len(lengths)} sequences to train on (one per episode, more with "
                 f"data.max_prompt_tokens), fewer than num_minibatches={num_minibatches}; "
-                "lower model.num_minibatches or raise data.num_envs / data.steps_per_env"
+                "lower model.num_minibatches or raise data.num_envs / data.steps_per_env (or "
+                "data.episodes_per_env)"
             )
         self.lengths = lengths
         self.num_minibatches = num_minibatches

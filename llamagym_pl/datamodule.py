@@ -1,4 +1,4 @@
-"""`RolloutDataModule`: fresh episodes from Gymnasium envs every epoch."""
+"""`RolloutDataModule`: fresh, whole episodes from Gymnasium envs every epoch."""
 
 from __future__ import annotations
 
@@ -17,21 +17,32 @@ from llamagym_pl.score_buffer import ScoreBuffer, ScoreDataset, build_score_buff
 from llamagym_pl.scoring import ScoreNormalization
 from llamagym_pl.scoring_rollout import ScoringCollector
 
+DEFAULT_STEPS_PER_ENV = 8
+"""The epoch size when neither ``steps_per_env`` nor ``episodes_per_env`` is set."""
+
 
 class RolloutDataModule(L.LightningDataModule):
     """Plays ``num_envs`` envs with the current policy and serves the rollout as minibatches.
 
     ``train_dataloader`` is called again every epoch (the Trainer runs with
     ``reload_dataloaders_every_n_epochs=1``), so each epoch trains on episodes played by the
-    policy as it is at that epoch's start.
+    policy as it is at that epoch's start. The rollout plays whole episodes: none is cut, so every
+    state of a long episode is trained on and ``rollout/return_mean`` averages whole episodes.
+    An env whose episodes may never end needs ``max_episode_steps`` (see
+    :meth:`~llamagym_pl.rollout.RolloutCollector.collect`).
 
     Args:
         agent: the :class:`~llamagym_pl.agent.Agent` (``class_path`` in YAML).
         env_id: Gymnasium env id.
         env_kwargs: keyword arguments for ``gym.make``.
         num_envs: envs played side by side; their replies are generated in one batch.
-        steps_per_env: turns each env plays per epoch (episodes running at the end are cut and
-            bootstrapped from the value of their next state).
+        steps_per_env: epoch size in turns: each env starts episodes until it has played this
+            many turns, and the episode running then plays to its end (default 8 when
+            ``episodes_per_env`` is unset too). Without a time limit, an env that plays more than
+            100 times this in one rollout stops training with an error naming ``max_episode_steps``.
+        episodes_per_env: epoch size in whole episodes per env, instead of ``steps_per_env``
+            (set one of the two). No runaway check here: an env whose episodes may never end
+            needs ``max_episode_steps``.
         max_new_tokens: reply length limit in tokens.
         temperature: sampling temperature; PPO scores log-probs, entropy and the KL penalty at the
             same temperature (the distribution sampled from).
@@ -42,7 +53,8 @@ class RolloutDataModule(L.LightningDataModule):
         fallback_action: the action for ``invalid_action: fixed``.
         invalid_penalty: reward added on an invalid reply (e.g. -0.1; the logged env return
             excludes it).
-        max_episode_steps: optional Gymnasium time limit (truncation, bootstrapped).
+        max_episode_steps: optional Gymnasium time limit (truncation, bootstrapped). Needed by an
+            env whose episodes may never end: rollouts play every episode to its end.
         seed: run seed; env and sampling seeds derive from (seed, epoch, rank, env, episode).
         num_transcripts: sample conversations logged as text every ``transcript_every`` epochs.
         transcript_every: epochs between transcript logs.
@@ -72,7 +84,8 @@ class RolloutDataModule(L.LightningDataModule):
         env_id: str = "Blackjack-v1",
         env_kwargs: dict[str, Any] | None = None,
         num_envs: int = 16,
-        steps_per_env: int = 8,
+        steps_per_env: int | None = None,
+        episodes_per_env: int | None = None,
         max_new_tokens: int = 8,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -96,12 +109,18 @@ class RolloutDataModule(L.LightningDataModule):
             raise TypeError(
                 f"data.agent must be an llamagym_pl.Agent subclass instance, got {type(agent).__name__}"
             )
+        if steps_per_env is not None and episodes_per_env is not None:
+            raise ValueError(
+                f"data.steps_per_env={steps_per_env} and data.episodes_per_env={episodes_per_env}: "
+                "set one of the two (the other to null)"
+            )
         for name, value in {
             "num_envs": num_envs,
             "steps_per_env": steps_per_env,
+            "episodes_per_env": episodes_per_env,
             "max_new_tokens": max_new_tokens,
         }.items():
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"data.{name}={value} must be >= 1")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
             raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens} must be >= 1 (or null: no budget)")
@@ -117,6 +136,15 @@ class RolloutDataModule(L.LightningDataModule):
         self.buffer: RolloutBuffer | None = None
         self.score_buffer: ScoreBuffer | None = None  # policy: score only
         self.last_stats: RolloutStats | None = None
+
+    @property
+    def budget(self) -> dict[str, int]:
+        """The training rollout's size, as :meth:`RolloutCollector.collect` takes it:
+        ``{"steps_per_env": n}`` or ``{"episodes_per_env": n}``."""
+        if self.hparams.episodes_per_env is not None:
+            return {"episodes_per_env": self.hparams.episodes_per_env}
+        steps = self.hparams.steps_per_env
+        return {"steps_per_env": DEFAULT_STEPS_PER_ENV if steps is None else steps}
 
     def make_collector(self, num_envs: int) -> RolloutCollector:
         """A collector with this module's env, agent and generation settings."""
@@ -179,7 +207,7 @@ class RolloutDataModule(L.LightningDataModule):
                 seed=self.hparams.seed,
                 epoch=epoch,
                 rank=rank,
-                steps_per_env=self.hparams.steps_per_env,
+                **self.budget,
             )
         self.last_stats = stats
         self.buffer = build_buffer(module.tokenizer, stats.episodes, temperature=self.hparams.temperature)
@@ -210,6 +238,6 @@ class RolloutDataModule(L.LightningDataModule):
                 lines.append(f"**user**: {ep.observations[t]}")
                 flag = " *(invalid)*" if ep.invalid[t] else ""
                 lines.append(f"**assistant**: {response}{flag}  (reward {ep.rewards[t]:+.2f})")
-            lines.append(f"return {ep.env_return:+.2f}, {'done' if ep.done else 'cut by rollout'}")
+            lines.append(f"return {ep.env_return:+.2f}, {'terminated' if ep.terminated else 'truncated'}")
             out.append("  \n".join(lines))
         return out

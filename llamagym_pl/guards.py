@@ -100,12 +100,14 @@ def check_config(model: Any, datamodule: Any) -> None:
             f"the tokenizer of model.name_or_path={model.hparams.name_or_path!r} has no chat template; "
             "use an instruct/chat model, or add a Jinja `chat_template` to its tokenizer_config.json"
         )
-    data = datamodule.hparams
-    most = data.num_envs * data.steps_per_env  # every turn its own episode
+    budget, per_env = next(iter(datamodule.budget.items()))  # steps_per_env or episodes_per_env
+    # A step budget plays from num_envs episodes (as long as they last) to one per turn.
+    most = datamodule.hparams.num_envs * per_env
     if model.hparams.num_minibatches > most:
+        safe = "data.num_envs" if budget == "steps_per_env" else str(most)  # always that many episodes
         raise ConfigError(
             f"model.num_minibatches={model.hparams.num_minibatches} is more than a rollout can have "
-            f"episodes (data.num_envs x data.steps_per_env = {most}); lower it to at most data.num_envs"
+            f"episodes (data.num_envs x data.{budget} = {most}); lower it to at most {safe}"
         )
     datamodule.make_collector(1).close()  # the env id and kwargs, and the fallback action
 

@@ -30,6 +30,10 @@ from llamagym_pl.sampling import generate_from_settings
 
 InvalidActionPolicy = Literal["random", "fixed"]
 
+RUNAWAY_FACTOR = 100
+"""With a step budget and no time limit, an env that has played this many times its budget in one
+rollout, its last episode still running, is taken to play an episode that never ends."""
+
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 31-bit seed from integers (run seed, epoch, rank, env, episode ...)."""
@@ -38,10 +42,10 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class Episode:
-    """One episode (or the part of it a rollout saw) as text, with its per-turn rewards.
+    """One episode as text, with its per-turn rewards.
 
-    ``observations`` has one more entry than ``responses`` when the episode did not terminate:
-    that last observation is the state to bootstrap the value from.
+    ``observations`` has one more entry than ``responses`` when the episode did not terminate
+    (it was truncated): that last observation is the state to bootstrap the value from.
     """
 
     system_prompt: str
@@ -76,7 +80,7 @@ class Episode:
 
     @property
     def done(self) -> bool:
-        """Whether the env ended the episode (else the rollout cut it)."""
+        """Whether the episode ended (terminated or truncated); a rollout returns only these."""
         return self.terminated or self.truncated
 
     @property
@@ -191,10 +195,14 @@ class RolloutCollector:
         episodes_per_env: int | None = None,
         greedy: bool = False,
     ) -> RolloutStats:
-        """Play until each env has taken ``steps_per_env`` turns or finished ``episodes_per_env``.
+        """Play whole episodes: each env starts episodes until it has taken ``steps_per_env`` turns
+        (the episode running then plays to its end) or finished ``episodes_per_env`` of them.
 
-        With a step budget, an episode still running when its env's budget ends is cut: it is
-        returned with its next observation so its value can be bootstrapped.
+        Every returned episode is done (terminated, or truncated by ``max_episode_steps`` and
+        returned with its next observation to bootstrap from): the rollout cuts none, so every
+        state of an episode can be trained on. An env whose episodes may never end needs
+        ``max_episode_steps``; with a step budget and no time limit, an env that plays more than
+        ``RUNAWAY_FACTOR`` times its budget raises :class:`~llamagym_pl.guards.ConfigError`.
         """
         if (steps_per_env is None) == (episodes_per_env is None):
             raise ValueError("give exactly one of steps_per_env and episodes_per_env")
@@ -202,7 +210,7 @@ class RolloutCollector:
         torch.manual_seed(derive_seed(seed, epoch, rank, 1))
         rngs = [np.random.default_rng(derive_seed(seed, epoch, rank, i, 2)) for i in range(self.num_envs)]
         system = self.agent.get_system_prompt()
-        steps_left = [steps_per_env or 0] * self.num_envs
+        turns = [0] * self.num_envs
         episodes_left = [episodes_per_env or 0] * self.num_envs
         episode_count = [0] * self.num_envs
         current: list[Episode | None] = [None] * self.num_envs
@@ -222,8 +230,8 @@ class RolloutCollector:
                     faults.record(f"reset(seed={env_seed}) of env {i}", err)
             current[i] = Episode(system_prompt=system, observations=[self._format(obs)])
 
-        def has_budget(i: int) -> bool:
-            return steps_left[i] > 0 if steps_per_env is not None else episodes_left[i] > 0
+        def has_budget(i: int) -> bool:  # may env i start another episode?
+            return turns[i] < steps_per_env if steps_per_env is not None else episodes_left[i] > 0
 
         for i in range(self.num_envs):
             if has_budget(i):
@@ -234,7 +242,7 @@ class RolloutCollector:
         try:
             while True:
                 raise_if_interrupted()  # a deferred Ctrl-C (see guards.defer_interrupts)
-                active = [i for i in range(self.num_envs) if current[i] is not None and has_budget(i)]
+                active = [i for i in range(self.num_envs) if current[i] is not None]
                 if not active:
                     break
                 conversations = [self._prompt(tokenizer, current[i]) for i in active]
@@ -250,7 +258,7 @@ class RolloutCollector:
                 for i, reply in zip(active, replies, strict=True):
                     ep = current[i]
                     action, invalid = self._parse(reply, rngs[i])
-                    steps_left[i] -= 1
+                    turns[i] += 1
                     try:
                         obs, reward, terminated, truncated = self._step(i, action)
                     except Exception as err:  # noqa: BLE001 - any env failure is a counted fault
@@ -276,9 +284,7 @@ class RolloutCollector:
                             start_episode(i)
                     else:
                         ep.observations.append(self._format(obs))
-                        if not has_budget(i):
-                            finished.append(ep)  # cut by the step budget: bootstrap later
-                            current[i] = None
+                        self._check_runaway(i, turns[i], steps_per_env)
                 env_s += time.perf_counter() - t0
         finally:
             policy.train(was_training)
@@ -292,6 +298,21 @@ class RolloutCollector:
             env_seconds=env_s,
             seconds=time.perf_counter() - start,
             env_errors=faults.count,
+        )
+
+    def _check_runaway(self, i: int, turns: int, steps_per_env: int | None) -> None:
+        """Raise if env ``i``, without a time limit, has played its episode past ``RUNAWAY_FACTOR``
+        times its step budget: an episode that never ends would keep the rollout going forever."""
+        if steps_per_env is None or turns <= RUNAWAY_FACTOR * steps_per_env:
+            return
+        spec = self.envs[i].spec
+        if spec is not None and spec.max_episode_steps is not None:
+            return  # a TimeLimit ends the episode
+        raise ConfigError(
+            f"env {i} of {self.env_id!r} has played {turns} turns in one rollout, more than "
+            f"{RUNAWAY_FACTOR} x steps_per_env={steps_per_env}, and its episode has not ended: "
+            "rollouts play whole episodes, so set data.max_episode_steps (a time limit) for an env "
+            "whose episodes may never end"
         )
 
     def _prompt(self, tokenizer, ep: Episode) -> list[Message]:

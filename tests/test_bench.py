@@ -41,7 +41,7 @@ def test_quick_bench_writes_the_table_and_json(tmp_path: Path) -> None:
         assert sum(row["split_s"].values()) == pytest.approx(row["total_s"])
         assert row["rollout_vs_limit"] > 0 and row["update_vs_limit"] > 0
         assert 0.0 <= row["update_padding"] < 1.0
-        assert row["env_steps"] == row["num_envs"] * row["steps_per_env"]
+        assert row["env_steps"] >= row["num_envs"] * row["steps_per_env"]  # and the last hands finish
     assert [s["num_envs"] for s in result["speedup"]] == [8]  # no 64 row in quick mode: the largest
 
     fits = result["fit"]

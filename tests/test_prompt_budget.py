@@ -39,7 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_episodes() -> list[Episode]:
-    """A 4-turn episode cut by the rollout whose prompts dropped turns, and one that did not."""
+    """A 4-turn episode that ends in a state to bootstrap from (as a truncated one does) whose
+    prompts dropped turns, and a terminated one whose prompts did not."""
     return [
         # Turns 0-1 saw the whole history; turns 2-3 dropped turn 0; the next state (observation
         # 4, the bootstrap) dropped turns 0-2.
@@ -88,7 +89,7 @@ def test_rows_of_a_budgeted_episode_by_hand(fixture: str, request: pytest.Fixtur
     row1 = tokenizer.decode(buf.input_ids[1, : int(buf.lengths[1])].tolist())
     assert OBS[0] not in row1 and OBS[1] in row1 and RESP[1] in row1
 
-    # The cut episode bootstraps from the end of its own row (observation 4's prompt, from
+    # Episode 0 bootstraps from the end of its own row (observation 4's prompt, from
     # observation 3); the terminated one from nothing.
     assert buf.bootstrap_row.tolist() == [3, 0] and buf.bootstrap_position[1] == 0
     assert int(buf.bootstrap_position[0]) == int(buf.lengths[3]) - 1
@@ -189,11 +190,16 @@ gym.register(CORRIDOR, entry_point=Corridor)
 BUDGET = 80  # system prompt + 3 observations: turns 3 and 4 of a corridor drop old turns
 
 
-def budget_collect(collector_type: type[RolloutCollector], policy, tokenizer) -> list[Episode]:
-    """Plays 2 corridors x 9 turns (a finished and a cut episode each) under ``BUDGET``; checks that
+def budget_collect(
+    collector_type: type[RolloutCollector], policy, tokenizer, time_limit: int | None
+) -> list[Episode]:
+    """Plays 2 corridors x 5 turns under ``BUDGET``: one terminated 5-turn episode each, or with a
+    time limit of 4 two truncated 4-turn ones each, which keep their next observation. Checks that
     every prompt the policy answered is the one ``Episode.prompt_start`` records."""
     # One new token: a reply's length (one word, or none) cannot shift where the budget cuts.
-    collector = collector_type(CORRIDOR, None, BlackjackAgent(), 2, 1, max_prompt_tokens=BUDGET)
+    collector = collector_type(
+        CORRIDOR, None, BlackjackAgent(), 2, 1, max_episode_steps=time_limit, max_prompt_tokens=BUDGET
+    )
     seen: list[tuple[Episode, int, list[dict[str, str]]]] = []
     reply = collector._reply
 
@@ -204,9 +210,10 @@ def budget_collect(collector_type: type[RolloutCollector], policy, tokenizer) ->
         return reply(policy, tokenizer, conversations, greedy, envs, episodes)
 
     collector._reply = spy
-    episodes = collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=9).episodes
-    assert [ep.num_turns for ep in episodes] == [5, 5, 4, 4]
-    assert len(seen) == 18
+    episodes = collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=5).episodes
+    assert [ep.num_turns for ep in episodes] == ([5] * 2 if time_limit is None else [4] * 4)
+    assert all(ep.truncated == (time_limit is not None) for ep in episodes)
+    assert len(seen) == sum(ep.num_turns for ep in episodes)
     for ep, t, conversation in seen:
         s = ep.prompt_start[t]
         expected = build_messages(tokenizer, ep.system_prompt, ep.observations[s : t + 1], ep.responses[s:t])
@@ -224,13 +231,15 @@ def budget_collect(collector_type: type[RolloutCollector], policy, tokenizer) ->
     return episodes
 
 
+@pytest.mark.parametrize("time_limit", [None, 4])
 def test_rollout_plays_and_trains_on_budgeted_prompts(
-    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase, time_limit: int | None
 ) -> None:
-    episodes = budget_collect(RolloutCollector, tiny_policy, tiny_tokenizer)
+    episodes = budget_collect(RolloutCollector, tiny_policy, tiny_tokenizer, time_limit)
     buf = build_buffer(tiny_tokenizer, episodes)
-    # Finished corridors: turns 0-2, 3, 4. Cut ones: turns 0-2, 3, then the bootstrap alone.
-    assert buf.row_num_turns.tolist() == [3, 1, 1, 3, 1, 1, 3, 1, 3, 1, 0, 0]
+    # Terminated corridors: turns 0-2, 3, 4. Truncated ones: turns 0-2, 3, then the bootstrap alone.
+    expected = [3, 1, 1] * 2 if time_limit is None else [3, 1] * 4 + [0] * 4
+    assert buf.row_num_turns.tolist() == expected
     for e, ep in enumerate(episodes):
         for t in range(ep.num_turns):
             row, pos = int(buf.value_rows[e, t]), int(buf.value_positions[e, t])
@@ -241,10 +250,11 @@ def test_rollout_plays_and_trains_on_budgeted_prompts(
     assert int(buf.lengths.max()) <= BUDGET + 8  # a prompt within budget plus at most one reply
 
 
+@pytest.mark.parametrize("time_limit", [None, 4])
 def test_score_mode_scores_candidates_on_budgeted_prompts(
-    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase, time_limit: int | None
 ) -> None:
-    episodes = budget_collect(ScoringCollector, tiny_policy, tiny_tokenizer)
+    episodes = budget_collect(ScoringCollector, tiny_policy, tiny_tokenizer, time_limit)
     episode_buf = build_buffer(tiny_tokenizer, episodes)
     buf = build_score_buffer(tiny_tokenizer, episodes, episode_buf, "token")  # checks its prefixes
     for n in range(len(buf)):

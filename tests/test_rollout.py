@@ -116,14 +116,16 @@ def test_invalid_replies_play_the_fixed_fallback(
     col = collector(agent, num_envs=1, invalid_action="fixed", fallback_action=STICK, invalid_penalty=penalty)
     (env,) = spied(col)
     stats = col.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=9)
-    assert stats.env_steps == len(env.steps) == agent.calls == 9
+    # Turn 9 hits: if the hand survives, turn 10 sticks (invalid) and ends it.
+    n = agent.calls
+    assert stats.env_steps == len(env.steps) == n in (9, 10)
 
-    expected_invalid = [agent.script[k % 3] != HIT for k in range(9)]
+    expected_invalid = [agent.script[k % 3] != HIT for k in range(n)]
     assert [a for a, *_ in env.steps] == [STICK if bad else HIT for bad in expected_invalid]
 
     # One env: the episodes are its steps in order.
     turns = [(ep, t) for ep in stats.episodes for t in range(ep.num_turns)]
-    assert len(turns) == 9
+    assert len(turns) == n
     assert [ep.invalid[t] for ep, t in turns] == expected_invalid
     for (ep, t), (_, raw, _, _) in zip(turns, env.steps, strict=True):
         assert ep.rewards[t] == raw
@@ -136,7 +138,7 @@ def test_invalid_replies_play_the_fixed_fallback(
         assert ep.terminated == env.steps[step + ep.num_turns - 1][2]
         step += ep.num_turns
     metrics = rollout_metrics(stats)
-    assert metrics["rollout/invalid_action_rate"] == pytest.approx(6 / 9)
+    assert metrics["rollout/invalid_action_rate"] == pytest.approx(sum(expected_invalid) / n)
 
 
 def test_invalid_replies_with_random_fallback_stay_in_the_space(
@@ -146,7 +148,7 @@ def test_invalid_replies_with_random_fallback_stay_in_the_space(
     envs = spied(col)
     stats = col.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=4)
     actions = [a for env in envs for a, *_ in env.steps]
-    assert len(actions) == 12
+    assert len(actions) == stats.env_steps >= 12  # 4 turns an env, then the last hand finishes
     assert all(col.action_space.contains(a) for a in actions)
     assert {HIT, STICK} <= set(actions), "the random fallback should draw both actions"
     for ep in stats.episodes:
@@ -173,21 +175,20 @@ def test_non_str_observation_names_the_agent(
         collector(TupleAgent()).collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
 
 
-def test_step_budget_cuts_episodes_with_a_next_observation(
+def test_step_budget_lets_the_running_episode_finish(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    # Envs 0, 2, 4, 6 hit (may go on), 1, 3, 5, 7 stick (always ends the hand).
+    # Envs 0, 2, 4, 6 hit first (may go on), 1, 3, 5, 7 stick (always ends the hand).
     col = collector(ScriptedAgent([HIT, STICK]), num_envs=8)
+    envs = spied(col)
     stats = col.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
-    assert stats.env_steps == len(stats.episodes) == 8
+    # One turn each started one episode each, played to its end; no second one started.
+    assert len(stats.episodes) == 8 and all(len(env.seeds) == 1 for env in envs)
+    assert stats.env_steps == sum(ep.num_turns for ep in stats.episodes) == sum(len(e.steps) for e in envs)
     for ep in stats.episodes:
         check_in_step(ep)
-        assert ep.num_turns == 1
-        assert not ep.truncated
-    assert sum(ep.terminated for ep in stats.episodes) >= 4
-    cut = [ep for ep in stats.episodes if not ep.done]
-    assert cut, "some hit should survive, leaving an episode cut by the budget"
-    assert all(len(ep.observations) == 2 for ep in cut)
+        assert ep.terminated and not ep.truncated
+    assert any(ep.num_turns > 1 for ep in stats.episodes), "some hit should survive and play on"
 
 
 def test_time_limit_truncation_keeps_the_next_observation(

@@ -192,8 +192,12 @@ def test_prompt_is_encoded_once_per_step(tiny_policy: PolicyWithValueHead, tiny_
         shapes.clear()
         collector = ScoringCollector(ENV, KWARGS, BlackjackAgent(), 4, 4)
         collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
-        # One step: the system prompt, the 4 observations, then 4 x 2 candidates' end of turn.
-        assert [s[0] for s in shapes] == [1, 4, 8]
+        # Each step: the system prompt, the B observations, then B x 2 candidates' end of turn.
+        # The first has all 4 envs; hands still running after it play on in smaller batches.
+        sizes = [s[0] for s in shapes]
+        steps = [sizes[k : k + 3] for k in range(0, len(sizes), 3)]
+        assert steps[0] == [1, 4, 8]
+        assert all(step == [1, step[1], 2 * step[1]] for step in steps)
     finally:
         hook.remove()
 

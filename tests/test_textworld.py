@@ -207,7 +207,8 @@ def test_fit_and_evaluate_in_process(policy: str, tw_cache: Path, tmp_path: Path
         for tag in ("rollout/invalid_action_rate", "train/policy_loss", "train/entropy", "eval/return_mean"):
             values = [v for _, v in scalars[tag]]
             assert len(values) == 2 and all(math.isfinite(v) for v in values), tag
-        assert [v for _, v in scalars["rollout/env_steps"]] == [6.0, 6.0]
+        # Each env starts episodes for 3 turns; the last one plays on to its end (4 turns at most).
+        assert all(6.0 <= v <= 2 * (2 + 4) for _, v in scalars["rollout/env_steps"])
         if policy == "score":  # admissible commands only: nothing is ever invalid
             assert [v for _, v in scalars["rollout/invalid_action_rate"]] == [0.0, 0.0]
         ckpt = tmp_path / "ckpt" / "last.ckpt"
