@@ -16,7 +16,7 @@ from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.buffer import MinibatchSampler, build_buffer, minibatch
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode, RolloutCollector
+from llamagym_pl.rollout import Episode, RolloutCollector, cut_at_eos
 from llamagym_pl.score_buffer import build_score_buffer, score_minibatch
 from llamagym_pl.score_update import score_candidates, score_ppo_loss
 from llamagym_pl.scoring import candidate_forward, turn_distribution
@@ -101,14 +101,23 @@ def test_generate_mode_scores_the_tempered_distribution_it_sampled_from(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     """Regression (item 6): replies sampled at temperature 0.5 were scored at temperature 1."""
-    lm, sampled = tiny_policy.lm, []
+    lm, sampled = tiny_policy.lm, {}
     original = lm.generate
 
-    def generate(*, input_ids, **kwargs):  # keep the processed scores generate sampled from
-        out = original(input_ids=input_ids, output_scores=True, return_dict_in_generate=True, **kwargs)
+    def generate(*, input_ids, attention_mask, **kwargs):  # keep the scores generate sampled from
+        out = original(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
         logp = torch.stack(out.scores, 1).log_softmax(-1)  # (B, new, V)
         new = out.sequences[:, input_ids.shape[1] :]
-        sampled.extend(logp.gather(2, new[..., None]).squeeze(2).tolist())
+        for b in range(len(new)):
+            prompt = input_ids[b][attention_mask[b].bool()].tolist()
+            reply = cut_at_eos(new[b].tolist(), tiny_tokenizer.eos_token_id)
+            sampled[tuple(prompt + reply)] = logp[b, : len(reply)].gather(1, new[b, : len(reply), None])[:, 0]
         return out.sequences
 
     lm.generate = generate
@@ -117,10 +126,11 @@ def test_generate_mode_scores_the_tempered_distribution_it_sampled_from(
     buf = build_buffer(tiny_tokenizer, episodes, temperature=0.5)
     score_rollout(tiny_policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=8)
     for e, ep in enumerate(episodes):
-        row = int(buf.value_rows[e, 0])
-        scored = buf.old_logprobs[row][buf.turn_index[row] == 0]
-        behaviour = torch.tensor(sampled[e][: len(ep.response_ids[0])])
-        torch.testing.assert_close(scored, behaviour, rtol=1e-4, atol=1e-4)
+        for t in range(ep.num_turns):
+            row = int(buf.value_rows[e, t])
+            scored = buf.old_logprobs[row][buf.turn_index[row] == t]
+            behaviour = sampled[tuple(ep.prompt_ids[t] + ep.response_ids[t])]
+            torch.testing.assert_close(scored, behaviour, rtol=1e-4, atol=1e-4)
     # ... and the update's first minibatch sees ratio 1 and the tempered entropy.
     batch = minibatch(buf, list(range(buf.num_train_rows)))
     _, metrics = ppo_loss(tiny_policy.train(), batch, 0.2, True, 0.5, 0.0, temperature=0.5)
