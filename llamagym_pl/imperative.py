@@ -35,7 +35,15 @@ from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
 from llamagym_pl.chat import build_messages, left_pad, prompt_start, prompt_token_ids
 from llamagym_pl.policy import PolicyWithValueHead, disable_dropout, half_precision_trainable
-from llamagym_pl.rollout import Episode, RolloutStats, _sample_space, cut_at_eos, derive_seed, rollout_metrics
+from llamagym_pl.rollout import (
+    Episode,
+    RolloutStats,
+    _sample_space,
+    cut_at_eos,
+    derive_seed,
+    discrete_action_names,
+    rollout_metrics,
+)
 from llamagym_pl.sampling import (
     build_generation_config,
     generate_from_settings,
@@ -267,6 +275,7 @@ class ImperativeTrainer:
         # Appended together, after parsing, so the lists stay in step whatever happens above.
         self._append_observation(ep, text, start, prompt_ids)
         ep.responses.append(reply)
+        ep.actions.append(action)
         ep.response_ids.append(reply_ids)
         ep.invalid.append(invalid)
         ep.rewards.append(0.0)
@@ -362,11 +371,14 @@ class ImperativeTrainer:
             self._prompt_tokens += input_ids.shape[1]
         return prompt, new, tok.decode(new, skip_special_tokens=True).strip()
 
+    def _action_space(self) -> Any:
+        """``ppo_config_dict['action_space']``, else ``agent.action_space`` (None: unknown)."""
+        cfg = self.config
+        return cfg.action_space if cfg.action_space is not None else getattr(self.agent, "action_space", None)
+
     def _parse(self, reply: str) -> tuple[Any, bool]:
         cfg = self.config
-        space = (
-            cfg.action_space if cfg.action_space is not None else getattr(self.agent, "action_space", None)
-        )
+        space = self._action_space()
         try:
             action = self.agent.extract_action(reply)
         except Exception as err:  # any parse failure is an invalid action by contract
@@ -396,6 +408,7 @@ class ImperativeTrainer:
         cfg = self.config
         episodes, self.episodes = self.episodes[: cfg.batch_size], self.episodes[cfg.batch_size :]
         seconds = time.perf_counter() - (self._batch_start or time.perf_counter())
+        space = self._action_space()
         metrics = rollout_metrics(
             RolloutStats(
                 episodes=episodes,
@@ -405,6 +418,8 @@ class ImperativeTrainer:
                 generation_seconds=self._gen_seconds,
                 env_seconds=max(seconds - self._gen_seconds, 0.0),  # everything between generations
                 seconds=seconds,
+                action_names=discrete_action_names(space, self.agent) if space is not None else None,
+                action_start=int(getattr(space, "start", 0)),
             )
         )
         metrics["rollout/invalid_actions"] = float(sum(sum(ep.invalid) for ep in episodes))

@@ -51,6 +51,7 @@ class Episode:
     system_prompt: str
     observations: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
+    actions: list[Any] = field(default_factory=list)  # the env action played each turn
     rewards: list[float] = field(default_factory=list)  # env reward of each turn
     invalid: list[bool] = field(default_factory=list)
     env_return: float = 0.0  # sum of raw env rewards (penalties excluded)
@@ -107,6 +108,21 @@ class RolloutStats:
     env_seconds: float
     seconds: float
     env_errors: int = 0  # env faults: their episodes were dropped
+    # A Discrete action space's action names (agent.action_names, else the action numbers): the
+    # share of each parsed action is logged. None: any other space.
+    action_names: list[str] | None = None
+    action_start: int = 0  # the Discrete space's first action
+
+
+def discrete_action_names(space: gym.Space, agent: Agent) -> list[str] | None:
+    """Names of a ``Discrete`` space's actions for logging: the agent's ``action_names``, or the
+    actions' numbers; None for other spaces."""
+    if not isinstance(space, gym.spaces.Discrete):
+        return None
+    names = agent.action_names
+    if names is not None and len(names) == space.n:
+        return [str(n) for n in names]
+    return [str(space.start + i) for i in range(space.n)]
 
 
 class RolloutCollector:
@@ -269,6 +285,7 @@ class RolloutCollector:
                         continue
                     env_steps += 1
                     ep.responses.append(reply)
+                    ep.actions.append(action)
                     ep.invalid.append(invalid)
                     ep.env_return += float(reward)
                     ep.rewards.append(float(reward))
@@ -298,6 +315,8 @@ class RolloutCollector:
             env_seconds=env_s,
             seconds=time.perf_counter() - start,
             env_errors=faults.count,
+            action_names=discrete_action_names(self.action_space, self.agent),
+            action_start=int(getattr(self.action_space, "start", 0)),
         )
 
     def _check_runaway(self, i: int, turns: int, steps_per_env: int | None) -> None:
@@ -454,6 +473,14 @@ def _sample_space(space: gym.Space, rng: np.random.Generator) -> Any:
 def rollout_totals(stats: RolloutStats) -> dict[str, float]:
     """Additive per-rollout sums: reduce them across DDP ranks, then :func:`metrics_from_totals`."""
     done = [ep for ep in stats.episodes if ep.done]
+    actions = {}
+    if stats.action_names is not None:  # the same keys on every rank: DDP reduces them as a vector
+        counts = [0.0] * len(stats.action_names)
+        for ep in stats.episodes:
+            for action, invalid in zip(ep.actions, ep.invalid, strict=False):
+                if not invalid:
+                    counts[int(action) - stats.action_start] += 1.0
+        actions = {f"action/{name}": n for name, n in zip(stats.action_names, counts, strict=True)}
     return {
         "episodes": float(len(done)),
         "return_sum": float(sum(ep.env_return for ep in done)),
@@ -466,6 +493,7 @@ def rollout_totals(stats: RolloutStats) -> dict[str, float]:
         "generation_seconds": stats.generation_seconds,
         "env_seconds": stats.env_seconds,
         "env_errors": float(stats.env_errors),
+        **actions,
     }
 
 
@@ -486,7 +514,12 @@ def metrics_from_totals(totals: dict[str, float], world_size: int = 1) -> dict[s
         "rollout/generation_s": totals["generation_seconds"] / world_size,
         "rollout/env_s": totals["env_seconds"] / world_size,
         "rollout/env_errors": totals["env_errors"],
+        # Mean reply length: generated tokens per turn (score mode: the chosen candidate's tokens).
+        "rollout/reply_tokens": totals["generated_tokens"] / max(totals["turns"], 1.0),
     }
+    for key, count in totals.items():  # the share of turns that played each (valid) action
+        if key.startswith("action/"):
+            metrics[f"rollout/action_frac/{key.removeprefix('action/')}"] = count / max(totals["turns"], 1.0)
     if totals["episodes"] > 0:
         metrics["rollout/return_mean"] = totals["return_sum"] / totals["episodes"]
         metrics["rollout/episode_length"] = totals["length_sum"] / totals["episodes"]

@@ -256,3 +256,26 @@ def test_checkpoint_generation_config_does_not_change_replies(
 
     assert replies(shipped) == replies(tiny_policy)
     assert shipped.lm.generation_config.repetition_penalty == 1.5  # the model's own config is back
+
+
+def test_metrics_show_each_actions_share_and_the_reply_length(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """What a user needs to see a policy collapsing onto one action (issue #13): the share of
+    turns that played each parsed action, besides the invalid rate, and the mean reply length."""
+    # Parsed stick, hit, hit, then an unparsable reply (a random fallback, not counted as hit/stick).
+    col = collector(ScriptedAgent([STICK, HIT, HIT, "raise"]), num_envs=3)
+    envs = spied(col)
+    stats = col.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=4)
+    metrics = rollout_metrics(stats)
+    turns = [(ep, t) for ep in stats.episodes for t in range(ep.num_turns)]
+    valid = [ep.actions[t] for ep, t in turns if not ep.invalid[t]]
+    assert sorted(a for env in envs for a, *_ in env.steps) == sorted(ep.actions[t] for ep, t in turns)
+    assert metrics["rollout/action_frac/stick"] == pytest.approx(valid.count(STICK) / len(turns))
+    assert metrics["rollout/action_frac/hit"] == pytest.approx(valid.count(HIT) / len(turns))
+    assert 0 < valid.count(STICK) < valid.count(HIT)
+    shares = metrics["rollout/action_frac/stick"] + metrics["rollout/action_frac/hit"]
+    assert shares + metrics["rollout/invalid_action_rate"] == pytest.approx(1.0)
+    reply_tokens = sum(len(ep.response_ids[t]) for ep, t in turns) / len(turns)
+    assert metrics["rollout/reply_tokens"] == pytest.approx(reply_tokens)
+    assert 1 <= reply_tokens <= 4  # max_new_tokens
