@@ -11,6 +11,8 @@ and a template that is not prefix-stable is refused loudly rather than mis-maske
 
 from __future__ import annotations
 
+import logging
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, str]
+
+log = logging.getLogger(__name__)
 
 _SYSTEM_PROBE = "llamagym-pl-system-probe"
 # tokenizer -> (chat template it was probed with, supports system role)
@@ -369,3 +373,53 @@ def _prefix_length(
         f"{turn} does not tokenize to a prefix of the whole episode, so the response tokens cannot "
         "be located (does the template rewrite earlier turns, or move the system prompt?)"
     )
+
+
+class UnknownWords:
+    """Warns once per word that a tokenizer can only read as its unknown token.
+
+    A word-level vocabulary (the offline tiny model's) maps every word it lacks to ``<unk>``: a
+    prompt saying "guess my number" would lose both words, and two observations could become the
+    same tokens. The policy cannot learn what it cannot read, so the first prompt or candidate
+    holding such a word logs one line naming the words and the fix.
+    """
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+
+    def check(
+        self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[Sequence[int]]
+    ) -> None:
+        """Warn about the words of ``texts`` that the tokenizer cannot read. ``ids`` are those texts'
+        tokens in any grouping (prompts, candidates): the words are looked up only if they hold the
+        unknown token."""
+        unk = tokenizer.unk_token_id
+        if unk is None or not any(unk in row for row in ids):
+            return
+        lost = [w for w in unknown_words(tokenizer, texts) if w not in self.warned]
+        if lost:
+            self.warned.update(lost)
+            log.warning(
+                "the tokenizer of %r reads %d word(s) of the prompts or actions only as %r, so the policy "
+                "cannot tell them apart: %s. For the offline tiny model, build one with them: `python -m "
+                "llamagym_pl.tiny_model --out models/my-tiny --extra-words %s` and set model.name_or_path: "
+                "models/my-tiny (or reword the agent's texts)",
+                tokenizer.name_or_path,
+                len(lost),
+                tokenizer.unk_token,
+                ", ".join(lost),
+                " ".join(lost),
+            )
+
+
+def unknown_words(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[str]:
+    """The words of ``texts`` (runs of letters, digits or ``_``) that tokenize to the unknown token,
+    in order of first appearance, lowercased when the tokenizer lowercases."""
+    unk = tokenizer.unk_token_id
+    words = list(dict.fromkeys(w for text in texts for w in re.findall(r"\w+", text)))
+    if unk is None or not words:
+        return []
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    lost = [w for w, row in zip(words, ids, strict=True) if unk in row]
+    return list(dict.fromkeys(normalizer.normalize_str(w) if normalizer is not None else w for w in lost))

@@ -33,7 +33,7 @@ from torch import nn
 from llamagym_pl import ppo
 from llamagym_pl.agent import Agent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
-from llamagym_pl.chat import build_messages, left_pad, prompt_start, prompt_token_ids
+from llamagym_pl.chat import UnknownWords, build_messages, left_pad, prompt_start, prompt_token_ids
 from llamagym_pl.policy import PolicyWithValueHead, disable_dropout, half_precision_trainable
 from llamagym_pl.rollout import (
     Episode,
@@ -257,6 +257,7 @@ class ImperativeTrainer:
         self.training = training
         self.episode: Episode | None = None  # the episode being played
         self.episodes: list[Episode] = []  # finished, waiting for the next update
+        self.unknown_words = UnknownWords()  # warns once per word the tokenizer cannot read
         self.num_updates = 0
         self._reset_timers()
 
@@ -345,7 +346,9 @@ class ImperativeTrainer:
         """Token ids of the generation prompt for ``text`` after ``ep``'s turns from ``start`` on."""
         observations, responses = [*ep.observations, text][start:], ep.responses[start:]
         messages = build_messages(self.tokenizer, ep.system_prompt, observations, responses)
-        return prompt_token_ids(self.tokenizer, [messages])[0]
+        ids = prompt_token_ids(self.tokenizer, [messages])[0]
+        self.unknown_words.check(self.tokenizer, [m["content"] for m in messages], [ids])
+        return ids
 
     @torch.no_grad()
     def _generate(self, ep: Episode, text: str, start: int) -> tuple[list[int], list[int], str]:

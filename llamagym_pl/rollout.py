@@ -20,6 +20,7 @@ from llamagym_pl.agent import Agent
 from llamagym_pl.chat import (
     Message,
     PromptBudgetError,
+    UnknownWords,
     build_messages,
     left_pad,
     prompt_start,
@@ -194,6 +195,7 @@ class RolloutCollector:
                 "of the env; set a valid fallback_action or use invalid_action: random"
             )
         self.fallback_action = fallback_action
+        self.unknown_words = UnknownWords()  # warns once per word the tokenizer cannot read
 
     def close(self) -> None:
         for env in self.envs:
@@ -413,6 +415,7 @@ class RolloutCollector:
         its text is those ids decoded without special tokens, stripped.
         """
         prompts = prompt_token_ids(tokenizer, conversations)
+        self.unknown_words.check(tokenizer, [m["content"] for conv in conversations for m in conv], prompts)
         input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P) each
         check_context(policy, input_ids.shape[1], self.max_new_tokens)
         device = next(policy.parameters()).device

@@ -103,6 +103,9 @@ class ScoringCollector(RolloutCollector):
     ) -> tuple[list[str], int, int]:
         candidates = [self._candidates(i) for i in envs]
         encoded = encode_candidates(tokenizer, conversations, candidates)
+        texts = [m["content"] for conv in conversations for m in conv] + [c for cs in candidates for c in cs]
+        ids = [e.prompt_ids for e in encoded] + [c for e in encoded for c in e.candidate_ids]
+        self.unknown_words.check(tokenizer, texts, ids)
         longest = max(len(c) for e in encoded for c in e.candidate_ids)
         check_context(policy, max(len(e.prompt_ids) for e in encoded), longest)
         sums = candidate_logprob_sums(policy, encoded, tokenizer.pad_token_id)  # (R,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from llamagym_pl import tiny_model
+from llamagym_pl.agents import BlackjackAgent
+from llamagym_pl.chat import unknown_words
+from llamagym_pl.rollout import RolloutCollector
 from llamagym_pl.tiny_model import (
     BUILD_INFO_FILE,
     CACHE_ENV,
     DEFAULT_TINY,
     build_tiny_model,
+    build_tiny_tokenizer,
     resolve_model_path,
     tiny_vocab,
 )
@@ -139,3 +144,35 @@ def test_rebuild_replaces_existing_dir_and_cli(tmp_path: Path) -> None:
 def test_rejects_indivisible_heads(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="divisible"):
         build_tiny_model(tmp_path / "bad", hidden_size=30, num_heads=4)
+
+
+class GuessAgent(BlackjackAgent):
+    """A user's agent whose words the tiny vocabulary lacks ("guess", "number", "lucky")."""
+
+    def get_system_prompt(self) -> str:
+        return "Guess my number. Answer hit or stick."
+
+    def format_observation(self, observation) -> str:
+        return f"Your lucky sum is {int(observation[0])}."
+
+
+def test_words_the_tiny_vocabulary_lacks_are_named_once(
+    tiny_policy, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #13: a word-level vocabulary silently read a user's unknown words as <unk>."""
+    collector = RolloutCollector("Blackjack-v1", None, GuessAgent(), num_envs=2, max_new_tokens=1)
+    with caplog.at_level(logging.WARNING, logger="llamagym_pl.chat"):
+        collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=2)
+        collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=1, steps_per_env=2)
+    warnings = [r.getMessage() for r in caplog.records if "cannot tell them apart" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not per prompt
+    assert "guess, number, lucky" in warnings[0] and "--extra-words guess number lucky" in warnings[0]
+    caplog.clear()
+    # The fix it names works: a tiny model built with those words reads them.
+    with caplog.at_level(logging.WARNING, logger="llamagym_pl.chat"):
+        RolloutCollector("Blackjack-v1", None, BlackjackAgent(), num_envs=2, max_new_tokens=1).collect(
+            tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=2
+        )
+    assert not [r for r in caplog.records if "cannot tell them apart" in r.getMessage()]
+    assert unknown_words(build_tiny_tokenizer(["guess", "number", "lucky"]), ["Guess my lucky number."]) == []
+    assert unknown_words(tiny_tokenizer, ["Guess my lucky number."]) == ["guess", "lucky", "number"]
