@@ -105,10 +105,12 @@ def greedy_actions(config: str, ckpt_path: str) -> dict[tuple[int, int, int], in
     """The checkpoint's greedy action in every observation, read as evaluation plays it."""
     import torch
 
+    from llamagym_pl.actions.candidates import prompt_logits
+    from llamagym_pl.actions.scoring import candidate_logprob_sums
     from llamagym_pl.chat import build_messages
     from llamagym_pl.evaluate import load_weights
     from llamagym_pl.fit import build_cli
-    from llamagym_pl.scoring import candidate_logprob_sums, encode_candidates, prompt_logits
+    from llamagym_pl.spans import encode_candidates
 
     cli = build_cli(["--config", config], run_fit=False)
     module, data = cli.model, cli.datamodule
@@ -129,7 +131,10 @@ def greedy_actions(config: str, ckpt_path: str) -> dict[tuple[int, int, int], in
         logits = prompt_logits(sums, encoded, candidates, data.hparams.score_normalization)
         return dict(zip(OBSERVATIONS, logits.argmax(-1).tolist(), strict=True))
     # Generate mode: the greedy reply as evaluation generates it, parsed (-1: invalid).
-    replies = data.make_collector(1).generate(policy, tokenizer, conversations, greedy=True).texts
+    style = data.make_collector(1).style
+    replies = [
+        r.text for r in style.reply(policy, tokenizer, conversations, [(o, {}) for o in OBSERVATIONS], True)
+    ]
     actions = {}
     for obs, reply in zip(OBSERVATIONS, replies, strict=True):
         try:

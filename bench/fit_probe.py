@@ -36,7 +36,7 @@ def fit_probe(epochs: int, overrides: list[str], workdir: str) -> dict[str, Any]
             self.rollout_s: list[float] = []
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            stats = trainer.datamodule.last_stats
+            stats = trainer.datamodule.rollout.stats
             self.times.append(time.perf_counter())
             self.rss.append(rss_mb())
             self.steps.append(stats.env_steps)

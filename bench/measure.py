@@ -20,11 +20,14 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from llamagym_pl.actions import GenerateStyle
+from llamagym_pl.actions.generate import row_minibatch
 from llamagym_pl.agents import BlackjackAgent
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
+from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import RolloutCollector, RolloutStats
-from llamagym_pl.update import ppo_loss, score_rollout
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.stats import RolloutStats
+from llamagym_pl.update import minibatch_loss, prepare_rollout
 
 # experiments/blackjack-generate.yaml's env and PPO settings (PPOModule's defaults for the rest).
 ENV_ID, ENV_KWARGS = "Blackjack-v1", {"natural": False, "sab": False}
@@ -174,8 +177,8 @@ def run_update(
     policy.train()
     for index in islice(sampler, setting.max_update_steps):
         with ours:
-            batch = {k: v.to(device) for k, v in minibatch(buf, index).items()}
-            loss, _ = ppo_loss(policy, batch, CLIP_COEF, True, VF_COEF, 0.0)
+            batch = {k: v.to(device) for k, v in row_minibatch(buf, index).items()}
+            loss, _ = minibatch_loss(GenerateStyle(), policy, batch, CLIP_COEF, True, VF_COEF, 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -195,7 +198,7 @@ def padding_fraction(shapes: list[tuple[int, int, int]]) -> float:
 
 
 def score_padding_fraction(lengths: Tensor, batch_size: int) -> float:
-    """Share of padding in score_rollout's batches (buffer order, trimmed to each batch's max)."""
+    """Share of padding in prepare_rollout's batches (buffer order, trimmed to each batch's max)."""
     total = sum(len(c) * int(c.max()) for c in lengths.split(batch_size))
     return 1.0 - int(lengths.sum()) / total
 
@@ -238,7 +241,7 @@ def run_setting(
         ENV_KWARGS,
         BlackjackAgent(),
         setting.num_envs,
-        MAX_NEW_TOKENS,
+        GenerateStyle(MAX_NEW_TOKENS),
         invalid_penalty=INVALID_PENALTY,
     )
     collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=1)  # warm up
@@ -253,7 +256,7 @@ def run_setting(
     with Clock(device) as buffer_clock:
         buf = build_buffer(tokenizer, episodes)
     with Clock(device) as score_clock:
-        score_rollout(policy, buf, GAMMA, GAE_LAMBDA, SCORE_BATCH_SIZE)
+        prepare_rollout(policy, buf, GenerateStyle(), GAMMA, GAE_LAMBDA, SCORE_BATCH_SIZE)
     updates = []
     for _ in range(setting.repeats):
         policy.load_state_dict(initial_state)

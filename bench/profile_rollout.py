@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.bench import model_path
 from bench.measure import ENV_ID, ENV_KWARGS, INVALID_PENALTY, MAX_NEW_TOKENS
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.buffer import build_buffer
 from llamagym_pl.loading import load_causal_lm, load_tokenizer
@@ -80,7 +81,12 @@ def main() -> None:
     path = model_path(args.model)
     tokenizer, policy = load_tokenizer(path), PolicyWithValueHead(load_causal_lm(path))
     collector = RolloutCollector(
-        ENV_ID, ENV_KWARGS, BlackjackAgent(), args.num_envs, MAX_NEW_TOKENS, invalid_penalty=INVALID_PENALTY
+        ENV_ID,
+        ENV_KWARGS,
+        BlackjackAgent(),
+        args.num_envs,
+        GenerateStyle(MAX_NEW_TOKENS),
+        invalid_penalty=INVALID_PENALTY,
     )
     collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=1)  # warm up
 

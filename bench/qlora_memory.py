@@ -15,10 +15,12 @@ import bitsandbytes  # noqa: F401  (imported in every mode so the baseline is th
 import torch
 from transformers import AutoTokenizer
 
-from llamagym_pl.buffer import build_buffer, minibatch
+from llamagym_pl.actions import GenerateStyle
+from llamagym_pl.actions.generate import row_minibatch
+from llamagym_pl.buffer import build_buffer
+from llamagym_pl.episode import Episode
 from llamagym_pl.loading import build_policy
-from llamagym_pl.rollout import Episode
-from llamagym_pl.update import ppo_loss, score_rollout
+from llamagym_pl.update import minibatch_loss, prepare_rollout
 
 
 def status_mib(field: str) -> float:
@@ -40,14 +42,14 @@ weights = sum(t.numel() * t.element_size() for t in [*policy.parameters(), *poli
 obs = [" ".join(["your sum is 14 . the dealer shows 7 ."] * 8)] * 2  # ~180-token episodes
 eps = [Episode("you play blackjack .", obs, ["hit", "stick"], [0.0, 1.0], [False] * 2, terminated=True)] * 8
 buf = build_buffer(tokenizer, eps)
-score_rollout(policy, buf, 1.0, 0.95, batch_size=8)  # touches every weight page
-batch = minibatch(buf, list(range(8)))
+prepare_rollout(policy, buf, GenerateStyle(), 1.0, 0.95, batch_size=8)  # touches every weight page
+batch = row_minibatch(buf, list(range(8)))
 opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
 gc.collect()
 before = status_mib("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 t = time.perf_counter()
-loss, _ = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.0)
+loss, _ = minibatch_loss(GenerateStyle(), policy.train(), batch, 0.2, True, 0.5, 0.0)
 loss.backward()
 opt.step()
 step_s = time.perf_counter() - t

@@ -26,7 +26,7 @@ class Agent(ABC):
         device: Only for the imperative loop: a device string or ``torch.device``.
         generate_config_dict: Only for the imperative loop: generation settings.
         ppo_config_dict: Only for the imperative loop: PPO settings (see
-            :class:`~llamagym_pl.imperative.ImperativeConfig`).
+            :class:`~llamagym_pl.imperative_setup.ImperativeConfig`).
         action_space: Only for the imperative loop: the env's action space, to check replies
             against and draw fallback actions from (also settable as ``agent.action_space``).
 
@@ -98,19 +98,20 @@ class Agent(ABC):
         )
 
     # ------------------------------------------------------------------ LlamaGym's imperative loop
-    def act(self, observation: Any) -> Any:
+    def act(self, observation: Any, info: dict[str, Any] | None = None) -> Any:
         """Reply to ``observation`` and return the env action: always a valid one.
 
         A reply that ``extract_action`` rejects gets the configured fallback action (counted in
-        the stats as ``rollout/invalid_actions``). In eval mode the reply is greedy.
+        the stats as ``rollout/invalid_actions``). In eval mode the reply is greedy. ``info``
+        (the env's, optional) reaches :meth:`candidate_actions` with ``policy: score``.
         """
-        return self._trainer().act(observation)
+        return self.imperative.act(observation, info)
 
     def assign_reward(self, reward: float) -> None:
         """Reward of the last ``act`` turn (calling it twice for one turn adds the rewards)."""
         if getattr(self, "_imperative", None) is None:
             raise RuntimeError("assign_reward() was called before act(): a reward belongs to an act() turn")
-        self._trainer().assign_reward(reward)
+        self.imperative.assign_reward(reward)
 
     def terminate_episode(self, truncated: bool = False, next_observation: Any = None) -> dict[str, float]:
         """End the episode; runs a PPO update when a batch of episodes is full.
@@ -119,7 +120,7 @@ class Agent(ABC):
         ``rollout/return_mean``), or ``{}`` when no update ran. Pass ``truncated=True`` with
         ``next_observation`` when a time limit, not the env, ended the episode.
         """
-        return self._trainer().terminate_episode(truncated, next_observation)
+        return self.imperative.terminate_episode(truncated, next_observation)
 
     def train(self, mode: bool = True) -> Agent:
         """Training mode (the default): sampled replies, episodes recorded and trained on."""
@@ -153,9 +154,13 @@ class Agent(ABC):
         trainer = getattr(self, "_imperative", None)
         return list(trainer.episode.rewards) if trainer is not None and trainer.episode else []
 
-    def _trainer(self) -> ImperativeTrainer:
+    @property
+    def imperative(self) -> ImperativeTrainer:
+        """The engine of the imperative loop (built on first use, from the constructor's model,
+        tokenizer, device and config dicts): its ``episode`` in play, the finished ``episodes``
+        waiting for an update, ``num_updates``, ``policy`` and ``device``."""
         if getattr(self, "_imperative", None) is None:
-            # Imported here: imperative.py imports the rollout code, which imports this module.
+            # Imported here: the Lightning path never builds the imperative engine.
             from llamagym_pl.imperative import ImperativeTrainer
 
             self._imperative = ImperativeTrainer(

@@ -23,25 +23,33 @@ Layout (R rows, L tokens; E episodes, T turns):
 - Rows that hold turns come first (``num_train_rows``, the ones minibatches are drawn from);
   after them, rows holding only the prompt of a cut episode's next state, when budgeting made
   it shorter than the episode's last row.
-- After scoring (:class:`~llamagym_pl.module.PPOModule` fills them at each epoch start):
-  ``old_logprobs`` (R, L) where ``old_logprobs[r, i]`` is log p(token i | tokens < i),
+- ``actions``: what the action style trains on beyond the rows (score mode: every turn's
+  candidates, :class:`~llamagym_pl.actions.candidates.CandidateTurns`); None when it trains on
+  the rows themselves (generated replies).
+- Once prepared (:func:`~llamagym_pl.update.prepare_rollout`, at each epoch start):
+  ``old_logprobs``, the style's action log-probs (generated replies: (R, L) where
+  ``old_logprobs[r, i]`` is log p(token i | tokens < i); scored actions: (N,) per turn),
   ``old_values``/``advantages``/``returns`` (E, T), and ``pg_advantages`` (E, T): the advantages
   the policy loss uses, normalized once over the whole rollout (all DDP ranks), never per
   minibatch (minibatches group rows by length, and a row's length depends on the actions taken).
+
+What the DataModule hands the module each epoch, the buffer with its statistics and the style
+that scores its actions, is :class:`~llamagym_pl.actions.base.Rollout`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 from llamagym_pl.chat import build_messages, prompt_token_ids
-from llamagym_pl.rollout import Episode
-from llamagym_pl.scoring import encode_candidates
+from llamagym_pl.episode import Episode
+from llamagym_pl.spans import encode_candidates
 
 
 @dataclass
@@ -63,6 +71,7 @@ class RolloutBuffer:
     bootstrap_position: Tensor
     lengths: Tensor
     temperature: float = 1.0  # the sampling temperature: log-probs are scored at the same one
+    actions: Any = None  # the style's own tensors (score mode: CandidateTurns), None: the rows
     old_logprobs: Tensor | None = None
     old_values: Tensor | None = None
     advantages: Tensor | None = None
@@ -79,11 +88,16 @@ class RolloutBuffer:
 
     @property
     def train_lengths(self) -> Tensor:
-        """Token lengths of the rows minibatches are drawn from (:class:`MinibatchSampler`)."""
+        """Token lengths of the units minibatches are drawn from (:class:`MinibatchSampler`): the
+        style's own (``actions.lengths``, score mode: one per turn), else the rows that hold turns."""
+        if self.actions is not None:
+            return self.actions.lengths
         return self.lengths[: self.num_train_rows]
 
     @property
-    def scored(self) -> bool:
+    def prepared(self) -> bool:
+        """Whether :func:`~llamagym_pl.update.prepare_rollout` has filled the old log-probs, values
+        and advantages."""
         return self.pg_advantages is not None
 
 
@@ -265,52 +279,3 @@ class MinibatchSampler(Sampler[list[int]]):
         order = perm[torch.argsort(self.lengths[perm], stable=True)]
         chunks = [c.tolist() for c in torch.tensor_split(order, self.num_minibatches)]
         return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
-
-
-class RolloutDataset(Dataset):
-    """Index access to a scored buffer; :func:`collate` slices whole minibatches at once."""
-
-    def __init__(self, buffer: RolloutBuffer) -> None:
-        self.buffer = buffer
-
-    def __len__(self) -> int:
-        return len(self.buffer)
-
-    def __getitem__(self, index: list[int]) -> dict[str, Tensor]:
-        return minibatch(self.buffer, index)
-
-
-def minibatch(buf: RolloutBuffer, index: Sequence[int]) -> dict[str, Tensor]:
-    """Gather rows ``index``, trimmed to their longest sequence and turn count.
-
-    Turn tensors (B, T') hold each row's own turns, left aligned: its ``row_num_turns``
-    turns from ``row_first_turn`` on (all of an episode's turns when a row is an episode).
-    """
-    if not buf.scored:
-        raise RuntimeError("the rollout buffer must be scored (old log-probs, advantages) first")
-    idx = torch.as_tensor(index, dtype=torch.long)
-    episode = buf.row_episode[idx]  # (B,)
-    length = int(buf.lengths[idx].max())
-    turns = int(buf.row_num_turns[idx].max())
-    turn_index = buf.turn_index[idx, :length]  # (B, L) the episode's turn numbers
-    # Every response token of a turn carries that turn's advantage.
-    token_adv = buf.pg_advantages[episode].gather(1, turn_index.clamp(min=0)) * (turn_index >= 0)  # (B, L)
-    k = torch.arange(turns)  # (T',)
-    # Turn k of each row is turn row_first_turn + k of its episode; past the row's turns (masked
-    # out) any valid index will do.
-    step = (buf.row_first_turn[idx, None] + k).clamp(max=buf.turn_mask.shape[1] - 1)  # (B, T')
-    turn_mask = k < buf.row_num_turns[idx, None]  # (B, T')
-    # A padding turn must read a position inside its own row: the episode's later turns may sit in
-    # another, longer row, past this minibatch's trimmed length (an out-of-bounds gather).
-    value_positions = torch.where(turn_mask, buf.value_positions[episode[:, None], step], 0)  # (B, T')
-    return {
-        "input_ids": buf.input_ids[idx, :length],
-        "attention_mask": buf.attention_mask[idx, :length],
-        "action_mask": buf.action_mask[idx, :length],
-        "old_logprobs": buf.old_logprobs[idx, :length],
-        "token_advantages": token_adv,
-        "value_positions": value_positions,
-        "turn_mask": turn_mask,
-        "old_values": buf.old_values[episode[:, None], step],
-        "returns": buf.returns[episode[:, None], step],
-    }

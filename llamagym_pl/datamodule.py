@@ -8,14 +8,15 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from llamagym_pl.actions import Rollout, RolloutDataset, ScoreNormalization, make_style
 from llamagym_pl.agent import Agent
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, RolloutDataset, build_buffer
+from llamagym_pl.buffer import MinibatchSampler, build_buffer
+from llamagym_pl.episode import InvalidActionPolicy, derive_seed
 from llamagym_pl.evaluation import evaluate
-from llamagym_pl.rollout import InvalidActionPolicy, RolloutCollector, RolloutStats, derive_seed
+from llamagym_pl.guards import check_ranges
+from llamagym_pl.rollout import RolloutCollector
 from llamagym_pl.sampling import refuse_truncation
-from llamagym_pl.score_buffer import ScoreBuffer, ScoreDataset, build_score_buffer
-from llamagym_pl.scoring import ScoreNormalization
-from llamagym_pl.scoring_rollout import ScoringCollector
+from llamagym_pl.stats import transcript
 
 DEFAULT_STEPS_PER_ENV = 8
 """The epoch size when neither ``steps_per_env`` nor ``episodes_per_env`` is set."""
@@ -67,7 +68,7 @@ class RolloutDataModule(L.LightningDataModule):
             :class:`~llamagym_pl.rollout.RolloutCollector`).
         policy: ``generate`` (the LM writes each reply) or ``score`` (the LM scores the agent's
             candidate actions and samples from the softmax over them; GLAM / TWOSOME, see
-            :mod:`llamagym_pl.scoring`). In ``score`` mode ``temperature`` divides the scores,
+            :mod:`llamagym_pl.actions.score`). In ``score`` mode ``temperature`` divides the scores,
             and ``max_new_tokens``/``top_k``/``top_p`` are unused.
         score_normalization: how ``score`` mode turns a candidate's log-likelihood into its
             score: ``token`` (mean per token), ``word`` (sum over its word count) or ``sum``.
@@ -114,28 +115,13 @@ class RolloutDataModule(L.LightningDataModule):
                 f"data.steps_per_env={steps_per_env} and data.episodes_per_env={episodes_per_env}: "
                 "set one of the two (the other to null)"
             )
-        for name, value in {
-            "num_envs": num_envs,
-            "steps_per_env": steps_per_env,
-            "episodes_per_env": episodes_per_env,
-            "max_new_tokens": max_new_tokens,
-        }.items():
-            if value is not None and value < 1:
-                raise ValueError(f"data.{name}={value} must be >= 1")
-        if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ValueError(f"data.max_prompt_tokens={max_prompt_tokens} must be >= 1 (or null: no budget)")
-        if max_env_errors < 0:
-            raise ValueError(f"data.max_env_errors={max_env_errors} must be >= 0 (0: abort on the first)")
-        if temperature <= 0:
-            raise ValueError(f"data.temperature={temperature} must be > 0 (use greedy evaluation instead)")
-        refuse_truncation({"top_k": top_k, "top_p": top_p}, "data.{}")
         self.save_hyperparameters(ignore=["agent"])
+        check_ranges("data.{}", **self.hparams)
+        refuse_truncation({"top_k": top_k, "top_p": top_p}, "data.{}")
         self.agent = agent
         self.collector: RolloutCollector | None = None
         self.eval_collector: RolloutCollector | None = None
-        self.buffer: RolloutBuffer | None = None
-        self.score_buffer: ScoreBuffer | None = None  # policy: score only
-        self.last_stats: RolloutStats | None = None
+        self.rollout: Rollout | None = None  # the latest, for the module to prepare and train on
 
     @property
     def budget(self) -> dict[str, int]:
@@ -147,26 +133,26 @@ class RolloutDataModule(L.LightningDataModule):
         return {"steps_per_env": DEFAULT_STEPS_PER_ENV if steps is None else steps}
 
     def make_collector(self, num_envs: int) -> RolloutCollector:
-        """A collector with this module's env, agent and generation settings."""
+        """A collector with this module's env, agent and policy style."""
         hp = self.hparams
-        scoring = {"normalization": hp.score_normalization} if hp.policy == "score" else {}
-        return (ScoringCollector if scoring else RolloutCollector)(
-            env_id=hp.env_id,
-            env_kwargs=hp.env_kwargs,
-            agent=self.agent,
-            num_envs=num_envs,
-            max_new_tokens=hp.max_new_tokens,
-            temperature=hp.temperature,
+        style = make_style(
+            hp.policy,
+            self.agent,
+            hp.temperature,
+            hp.max_new_tokens,
+            hp.score_normalization,
             top_k=hp.top_k,
             top_p=hp.top_p,
-            invalid_action=hp.invalid_action,
-            fallback_action=hp.fallback_action,
-            invalid_penalty=hp.invalid_penalty,
-            max_episode_steps=hp.max_episode_steps,
-            max_env_errors=hp.max_env_errors,
-            max_prompt_tokens=hp.max_prompt_tokens,
-            **scoring,
         )
+        names = (
+            "invalid_action",
+            "fallback_action",
+            "invalid_penalty",
+            "max_episode_steps",
+            "max_env_errors",
+        )
+        settings = {name: hp[name] for name in (*names, "max_prompt_tokens")}
+        return RolloutCollector(hp.env_id, hp.env_kwargs, self.agent, num_envs, style, **settings)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.collector is None:
@@ -195,49 +181,32 @@ class RolloutDataModule(L.LightningDataModule):
         return evaluate(policy, tokenizer, self.eval_collector, share, self.hparams.seed, rank)
 
     def train_dataloader(self) -> DataLoader:
+        """Play this epoch's rollout (:attr:`rollout`) and serve it as the module's minibatches."""
         module = self.trainer.lightning_module
-        epoch = self.trainer.current_epoch
-        rank = self.trainer.global_rank
+        epoch, rank = self.trainer.current_epoch, self.trainer.global_rank
         # The trainer's precision (e.g. bf16-mixed autocast), as in training_step: else the PPO
         # ratio of an unchanged policy would not be 1.
         with self.trainer.precision_plugin.forward_context():
             stats = self.collector.collect(
-                module.policy,
-                module.tokenizer,
-                seed=self.hparams.seed,
-                epoch=epoch,
-                rank=rank,
-                **self.budget,
+                module.policy, module.tokenizer, seed=self.hparams.seed, epoch=epoch, rank=rank, **self.budget
             )
-        self.last_stats = stats
-        self.buffer = build_buffer(module.tokenizer, stats.episodes, temperature=self.hparams.temperature)
-        dataset, lengths = RolloutDataset(self.buffer), self.buffer.train_lengths
-        if self.hparams.policy == "score":  # minibatches of turns: one scored action each
-            norm = self.hparams.score_normalization
-            self.score_buffer = build_score_buffer(module.tokenizer, stats.episodes, self.buffer, norm)
-            dataset, lengths = ScoreDataset(self.score_buffer), self.score_buffer.turn_lengths
+        style = self.collector.style
+        buffer = build_buffer(module.tokenizer, stats.episodes, temperature=style.temperature)
+        style.encode(module.tokenizer, stats.episodes, buffer)
+        self.rollout = Rollout(stats, buffer, style, self.transcripts(stats.episodes, epoch))
         sampler = MinibatchSampler(
-            lengths,
+            buffer.train_lengths,
             module.hparams.num_minibatches,
             module.hparams.update_epochs,
             seed=derive_seed(self.hparams.seed, epoch, rank, 4),
         )
         # batch_size=None: the sampler yields whole minibatches of row (or turn) indices.
-        return DataLoader(dataset, sampler=sampler, batch_size=None)
+        return DataLoader(RolloutDataset(buffer, style), sampler=sampler, batch_size=None)
 
-    def sample_transcripts(self, k: int) -> list[str]:
-        """A few conversations of the last rollout, rendered for TensorBoard's text tab."""
-        if self.last_stats is None:
+    def transcripts(self, episodes: list, epoch: int) -> list[str]:
+        """A few conversations of the rollout every ``transcript_every`` epochs, for TensorBoard."""
+        every, count = self.hparams.transcript_every, self.hparams.num_transcripts
+        if count < 1 or every < 1 or epoch % every:
             return []
-        episodes = self.last_stats.episodes
-        picks = random.Random(len(episodes)).sample(episodes, min(k, len(episodes)))
-        out = []
-        for ep in picks:
-            lines = [f"**system**: {ep.system_prompt}"]
-            for t, response in enumerate(ep.responses):
-                lines.append(f"**user**: {ep.observations[t]}")
-                flag = " *(invalid)*" if ep.invalid[t] else ""
-                lines.append(f"**assistant**: {response}{flag}  (reward {ep.rewards[t]:+.2f})")
-            lines.append(f"return {ep.env_return:+.2f}, {'terminated' if ep.terminated else 'truncated'}")
-            out.append("  \n".join(lines))
-        return out
+        picks = random.Random(len(episodes)).sample(episodes, min(count, len(episodes)))
+        return [transcript(ep) for ep in picks]

@@ -7,7 +7,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from llamagym_pl.rollout import RolloutCollector, RolloutStats, derive_seed
+from llamagym_pl.episode import derive_seed
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.stats import RolloutStats
 
 # Evaluation episodes come from their own seed stream, the same at every evaluation, so two
 # checkpoints are compared on the very same deals.

@@ -17,16 +17,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from llamagym_pl.checkpointing import InterruptCheckpoint, defer_interrupts
 from llamagym_pl.datamodule import RolloutDataModule
-from llamagym_pl.guards import (
-    ConciseParser,
-    InterruptCheckpoint,
-    LlamaGymError,
-    check_ckpt_path,
-    check_config,
-    defer_interrupts,
-    one_line_errors,
-)
+from llamagym_pl.guards import ConciseParser, LlamaGymError, check_ckpt_path, check_config, one_line_errors
 from llamagym_pl.module import PPOModule
 
 TRAINER_DEFAULTS = {
@@ -40,7 +33,7 @@ TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,
     "log_every_n_steps": 1,
     # Lightning's own save is atomic only when the system temp dir shares the checkpoint's disk.
-    "plugins": {"class_path": "llamagym_pl.guards.AtomicCheckpointIO"},
+    "plugins": {"class_path": "llamagym_pl.checkpointing.AtomicCheckpointIO"},
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "default"},

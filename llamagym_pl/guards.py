@@ -1,4 +1,4 @@
-"""Failure handling: errors that name the bad value and its fix, counted recoveries, safe saves.
+"""Failure handling: errors that name the bad value and its fix, and counted recoveries.
 
 What goes wrong, and what happens (the README's "Failure modes" section says the same):
 
@@ -10,27 +10,24 @@ What goes wrong, and what happens (the README's "Failure modes" section says the
   losses ``model.max_nonfinite_steps`` times in a row): :class:`RunAborted`, also one line;
   fewer faults are recovered from, counted and logged (:class:`EnvFaults`,
   :class:`NonFiniteLoss`);
-- a crash: checkpoints are written atomically (:class:`AtomicCheckpointIO`), so ``last.ckpt``
-  is always a whole epoch; Ctrl-C also saves ``interrupted.ckpt`` (:class:`InterruptCheckpoint`).
+- a crash: checkpoints are written atomically, so ``last.ckpt`` is always a whole epoch; Ctrl-C
+  also saves ``interrupted.ckpt`` (both in :mod:`llamagym_pl.checkpointing`).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser
 
 log = logging.getLogger(__name__)
@@ -110,6 +107,48 @@ def check_config(model: Any, datamodule: Any) -> None:
             f"episodes (data.num_envs x data.{budget} = {most}); lower it to at most {safe}"
         )
     datamodule.make_collector(1).close()  # the env id and kwargs, and the fallback action
+
+
+RANGES: dict[str, tuple[str, Any, str]] = {
+    "gamma": ("in", (0.0, 1.0), ""),
+    "gae_lambda": ("in", (0.0, 1.0), ""),
+    "learning_rate": (">", 0, ""),
+    "clip_coef": (">", 0, ""),
+    "max_grad_norm": (">", 0, ""),
+    "temperature": (">", 0, " (use greedy evaluation instead)"),
+    "update_epochs": (">=", 1, ""),
+    "num_minibatches": (">=", 1, ""),
+    "score_batch_size": (">=", 1, ""),
+    "batch_size": (">=", 1, ""),
+    "total_updates": (">=", 1, ""),
+    "num_envs": (">=", 1, ""),
+    "eval_num_envs": (">=", 1, ""),
+    "steps_per_env": (">=", 1, ""),
+    "episodes_per_env": (">=", 1, ""),
+    "max_new_tokens": (">=", 1, ""),
+    "max_prompt_tokens": (">=", 1, " (or null: no budget)"),
+    "max_env_errors": (">=", 0, " (0: abort on the first)"),
+}
+"""Every bounded setting, in one place: ``name: (op, bound, hint)``; PPOModule, RolloutDataModule,
+the rollout and the imperative loop all check theirs here."""
+
+
+def check_ranges(key: str, **values: Any) -> None:
+    """Raise a ValueError naming the first of ``values`` outside its :data:`RANGES` (settings
+    without a range, and None values, pass). ``key`` formats a setting's name as the user wrote
+    it, e.g. ``"model.{}"``."""
+    for name, value in values.items():
+        if value is None or name not in RANGES:
+            continue
+        op, bound, hint = RANGES[name]
+        if op == "in":
+            low, high = bound
+            if not (low <= value <= high) or math.isnan(value):
+                raise ValueError(
+                    f"{key.format(name)}={value} is outside [{low}, {high}]; pick a value in that range"
+                )
+        elif not (value > bound if op == ">" else value >= bound):
+            raise ValueError(f"{key.format(name)}={value} must be {op} {bound}{hint}")
 
 
 def check_ckpt_path(ckpt_path: str | None) -> str | None:
@@ -245,97 +284,3 @@ class NonFiniteLoss:
             "non-finite loss (%s) at %s: update skipped (%d in a row)", loss.item(), where, self.in_a_row
         )
         return True
-
-
-# ----------------------------------------------------------------------------- checkpoints
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file beside it, fsyncs, then ``os.replace``\\ s it in.
-
-    A crash at any moment leaves either the old file or the new one, whole. Lightning 2.6's
-    own save is atomic only by luck: its fsspec transaction stages the file in the system temp
-    dir and commits with ``shutil.move``, which is a rename only when that dir shares a
-    filesystem with the checkpoint (else a copy a crash can cut short), never fsyncs, and leaks
-    the staged file if the process dies before the move. Remote paths keep Lightning's way.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None or "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")  # one writer per path: rank 0
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-_interrupt_requested = False
-
-
-def _defer_sigint(signum: int, frame: Any) -> None:
-    global _interrupt_requested
-    if _interrupt_requested:
-        raise KeyboardInterrupt  # a second Ctrl-C: at once
-    _interrupt_requested = True
-
-
-def defer_interrupts() -> None:
-    """Deliver Ctrl-C at the next safe point (:func:`raise_if_interrupted`: every training step and
-    every rollout step) rather than wherever the signal lands.
-
-    A ``KeyboardInterrupt`` raised inside library code can leave it broken for the shutdown that
-    follows (e.g. a lock of TensorBoard's writer queue taken and never released, so the final
-    flush waits forever). A second Ctrl-C interrupts at once. Installed by ``llamagym_pl.fit``.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _defer_sigint)
-
-
-def raise_if_interrupted() -> None:
-    """Raise the ``KeyboardInterrupt`` that a deferred Ctrl-C asked for, if any."""
-    global _interrupt_requested
-    if _interrupt_requested:
-        _interrupt_requested = False
-        raise KeyboardInterrupt
-
-
-class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C, save ``interrupted.ckpt`` beside ``last.ckpt`` before Lightning exits (status 1).
-
-    It holds the state mid-epoch (part of a rollout trained on), for inspection or evaluation;
-    ``--ckpt_path last`` still resumes from ``last.ckpt``, the last completed epoch, so the
-    resumed run matches an uninterrupted one. Not Lightning's ``OnExceptionCheckpoint``: its file
-    is a candidate of ``ckpt_path="last"`` (and ``fit`` then resumes from it even without
-    ``ckpt_path``), which would resume mid-epoch.
-    """
-
-    FILENAME = "interrupted.ckpt"
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        raise_if_interrupted()
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if not isinstance(exception, KeyboardInterrupt) or dirpath is None:
-            return
-        path = os.path.join(dirpath, self.FILENAME)
-        trainer.save_checkpoint(path, weights_only=False)  # the full state, optimizer included
-        log.warning(
-            "interrupted: saved %s (mid-epoch); `--ckpt_path last` resumes the last whole epoch", path
-        )

@@ -9,7 +9,7 @@ PPO loss itself stays the plain clipped surrogate. A loss term (GRPO-style) woul
 current token. The per-token sum is the "k1" estimator: unbiased for KL(pi || pi_ref) over the
 turn's tokens, though single samples can be negative. In score mode the acting policy is the
 softmax over candidate actions, so the penalty is ``log pi(a) - log pi_ref(a)`` of the chosen
-candidate under it (see :func:`llamagym_pl.score_update.score_candidates`). Both are taken at the
+candidate under it (see :meth:`llamagym_pl.actions.ScoreStyle.prepare`). Both are taken at the
 sampling temperature, the distributions the policy acts with.
 
 :class:`ReferencePolicy` gives pi_ref without a second copy when the policy has a LoRA adapter
@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from llamagym_pl import ppo
 from llamagym_pl.policy import PolicyWithValueHead, is_peft
-from llamagym_pl.scoring import candidate_forward
 
 
 class ReferencePolicy:
@@ -73,13 +72,13 @@ class ReferencePolicy:
             logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return ppo.token_logprobs(logits[:, :-1] / temperature, input_ids[:, 1:])  # (B, L - 1)
 
-    @torch.no_grad()
-    def candidate_logprob_sums(self, batch: dict[str, Tensor]) -> Tensor:
-        """log pi_ref(candidate | prompt) of a candidate batch (see
-        :func:`llamagym_pl.scoring.candidate_forward`): (R,)."""
-        with self._reference_lm(batch["prompt_ids"].device) as lm:
-            reference = SimpleNamespace(lm=lm, value_head=self._value_head, training=False)
-            return candidate_forward(reference, batch)[0]
+    @contextlib.contextmanager
+    def as_policy(self, device: torch.device) -> Iterator[Any]:
+        """The reference as a policy (its LM with our value head, in eval mode) for the block:
+        score mode scores its candidates with the same forward as the policy's
+        (:func:`llamagym_pl.actions.scoring.candidate_forward`), under no grad."""
+        with self._reference_lm(device) as lm:
+            yield SimpleNamespace(lm=lm, value_head=self._value_head, training=False)
 
 
 def turn_kl(

@@ -1,14 +1,15 @@
 """`PPOModule`: the policy LM with its value head, trained with our clipped PPO loss.
 
 One Lightning epoch is one PPO iteration: :class:`~llamagym_pl.datamodule.RolloutDataModule`
-plays a fresh rollout with the current policy, :meth:`PPOModule.on_train_epoch_start` scores it
-(old log-probs, values) and computes advantages with GAE, then every training batch is one
-minibatch step of the clipped surrogate + value + entropy loss.
+plays a fresh rollout with the current policy and hands it over (its ``rollout``: the buffer, its
+statistics and the action style), :meth:`PPOModule.on_train_epoch_start` prepares it (old
+log-probs, values, KL, advantages with GAE), then every training batch is one minibatch step of
+the clipped surrogate + value + entropy loss.
 """
 
 from __future__ import annotations
 
-import math
+from inspect import signature
 from typing import Any, Literal
 
 import lightning as L
@@ -17,14 +18,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from llamagym_pl import ppo
-from llamagym_pl.buffer import RolloutBuffer
-from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits
+from llamagym_pl.actions import Rollout
+from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits, check_ranges
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.loading import Quantization, build_policy, load_tokenizer
 from llamagym_pl.policy import drop_frozen, fill_frozen
-from llamagym_pl.rollout import metrics_from_totals, rollout_totals
-from llamagym_pl.score_update import score_candidates, score_ppo_loss
-from llamagym_pl.update import ppo_loss, score_rollout
+from llamagym_pl.stats import RolloutStats, metrics_from_totals, rollout_totals
+from llamagym_pl.update import make_optimizer, minibatch_loss, prepare_rollout
 
 
 class PPOModule(L.LightningModule):
@@ -53,7 +53,8 @@ class PPOModule(L.LightningModule):
         norm_adv: normalize advantages to zero mean and unit variance, once per rollout over every
             turn of every DDP rank (not per minibatch: minibatches group rows by length, which
             depends on the actions taken).
-        score_batch_size: episodes per forward pass when scoring a rollout.
+        score_batch_size: episode rows (score mode: also turns) per forward pass when preparing a
+            rollout (old log-probs, values).
         quantization: ``none``, ``4bit`` (NF4, QLoRA) or ``8bit`` base weights via bitsandbytes;
             needs ``lora_r > 0``.
         quant_compute_dtype: dtype of 4-bit matmuls (None: ``dtype``).
@@ -109,75 +110,56 @@ class PPOModule(L.LightningModule):
         max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
-        _check_range("gamma", gamma, 0.0, 1.0)
-        _check_range("gae_lambda", gae_lambda, 0.0, 1.0)
-        _check_positive(clip_coef=clip_coef, learning_rate=learning_rate, max_grad_norm=max_grad_norm)
-        _check_positive(update_epochs=update_epochs, num_minibatches=num_minibatches)
-        _check_positive(score_batch_size=score_batch_size)
-        self._nonfinite = NonFiniteLoss(max_nonfinite_steps)
         self.save_hyperparameters()
+        check_ranges("model.{}", **self.hparams)
+        self._nonfinite = NonFiniteLoss(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+        # build_policy's arguments are hyperparameters of the same names (name_or_path, dtype, lora_r ...).
         self.policy = build_policy(
-            name_or_path,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            quantization=quantization,
-            quant_compute_dtype=quant_compute_dtype,
-            gradient_checkpointing=gradient_checkpointing,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_target_modules=lora_target_modules,
+            **{name: self.hparams[name] for name in signature(build_policy).parameters}
         )
         self.kl_ctl = KLController(kl_coef, target_kl_ref, kl_horizon)
         # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
         self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None
+        self.rollout: Rollout | None = None  # this epoch's, from the DataModule
         self._stop_epoch = False
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
         self._nonfinite.skipped = 0
-        datamodule = self.trainer.datamodule
-        metrics = self._rollout_metrics(datamodule.last_stats)
-        hp = self.hparams
-        kl_coef, buf = self.kl_ctl.value, datamodule.buffer
-        score_buf = getattr(datamodule, "score_buffer", None)
+        self.rollout = rollout = self.trainer.datamodule.rollout
+        metrics = self._rollout_metrics(rollout.stats)
+        hp, kl_coef = self.hparams, self.kl_ctl.value
         # Old log-probs under the trainer's precision (autocast), as the training step's new ones.
         with self.trainer.precision_plugin.forward_context():
-            candidate_kl = None
-            if score_buf is not None:  # data.policy: score: old log-probs of the chosen candidates
-                scored, candidate_kl = score_candidates(
-                    self.policy, score_buf, hp.score_batch_size, self.reference
-                )
-                metrics.update(scored)
-            metrics.update(
-                score_rollout(
-                    self.policy,
-                    buf,
-                    hp.gamma,
-                    hp.gae_lambda,
-                    hp.score_batch_size,
-                    self.reference if score_buf is None else None,
-                    kl_coef,
-                    candidate_kl=candidate_kl,
-                    norm_adv=hp.norm_adv,
-                    reduce=self._sum_over_ranks,
-                )
+            prepared = prepare_rollout(
+                self.policy,
+                rollout.buffer,
+                rollout.style,
+                hp.gamma,
+                hp.gae_lambda,
+                hp.score_batch_size,
+                self.reference,
+                kl_coef,
+                norm_adv=hp.norm_adv,
+                reduce=self._sum_over_ranks,
             )
+        metrics.update(prepared)
         if self.reference is not None:
             metrics["train/kl_coef"] = kl_coef
             # Every DDP rank must adapt the coefficient identically: use the ranks' mean KL.
             kl = torch.tensor(metrics["train/kl_ref"], device=self.device)
             kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
-            self.kl_ctl.update(float(kl), n_steps=int(buf.turn_mask.sum()) * self.trainer.world_size)
-        # Rollout metrics are already global; the scoring means differ per rank: average them.
+            turns = int(rollout.buffer.turn_mask.sum()) * self.trainer.world_size
+            self.kl_ctl.update(float(kl), n_steps=turns)
+        # Rollout metrics are already global; the preparation's means differ per rank: average them.
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-        self._log_transcripts(datamodule)
+        self._log_transcripts(rollout.transcripts)
         if "rollout/return_mean" in metrics:
             # Shown live in the progress bar; the full name is in TensorBoard.
             self.log("return", metrics["rollout/return_mean"], prog_bar=True, logger=False, on_epoch=True)
 
-    def _rollout_metrics(self, stats) -> dict[str, float]:
+    def _rollout_metrics(self, stats: RolloutStats) -> dict[str, float]:
         """Rollout metrics over the episodes of every DDP rank (sums reduced, then averaged)."""
         totals = rollout_totals(stats)
         world = self.trainer.world_size
@@ -200,13 +182,10 @@ class PPOModule(L.LightningModule):
         value = torch.tensor(float(flag), device=self.device)
         return bool(self.trainer.strategy.reduce(value, reduce_op="sum") > 0)
 
-    def _log_transcripts(self, datamodule) -> None:
-        every, count = datamodule.hparams.transcript_every, datamodule.hparams.num_transcripts
-        if count < 1 or every < 1 or self.current_epoch % every:
-            return
+    def _log_transcripts(self, transcripts: list[str]) -> None:
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                for i, text in enumerate(datamodule.sample_transcripts(count)):
+                for i, text in enumerate(transcripts):
                     logger.experiment.add_text(f"transcripts/{i}", text, self.global_step)
 
     # ----------------------------------------------------------------- PPO update
@@ -214,17 +193,9 @@ class PPOModule(L.LightningModule):
         if self._stop_epoch:
             return None  # target_kl reached: Lightning skips backward and the optimizer step
         hp = self.hparams
-        datamodule = self.trainer.datamodule
-        score_buf, temperature = getattr(datamodule, "score_buffer", None), datamodule.buffer.temperature
-        if score_buf is not None:  # data.policy: score: one action per turn
-            norm = score_buf.normalization
-            loss, metrics = score_ppo_loss(
-                self.policy, batch, norm, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, temperature
-            )
-        else:
-            loss, metrics = ppo_loss(
-                self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef, temperature
-            )
+        loss, metrics = minibatch_loss(
+            self.rollout.style, self.policy, batch, hp.clip_coef, hp.clip_vloss, hp.vf_coef, hp.ent_coef
+        )
         # Under DDP a NaN on one rank must skip the step on all of them (else DDP hangs).
         seen = loss if not self._any_rank(not bool(torch.isfinite(loss))) else loss.new_tensor(float("nan"))
         if self._nonfinite.skip(seen if torch.isfinite(loss) else loss, self.current_epoch, batch_idx):
@@ -232,7 +203,7 @@ class PPOModule(L.LightningModule):
         approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and self._any_rank(bool(approx_kl > hp.target_kl)):
             self._stop_epoch = True
-        size = int(batch["prompt_ids" if score_buf is not None else "input_ids"].shape[0])
+        size = len(batch["old_values"])  # rows, or turns
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
@@ -247,7 +218,7 @@ class PPOModule(L.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
-        buf: RolloutBuffer = self.trainer.datamodule.buffer
+        buf = self.rollout.buffer
         ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
         self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
@@ -274,15 +245,10 @@ class PPOModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=hp.learning_rate, eps=hp.adam_eps, weight_decay=hp.weight_decay
-        )
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 0
-        if hp.lr_schedule == "linear" and max_epochs:
-            lr_lambda = lambda epoch: max(0.0, 1.0 - epoch / max_epochs)  # noqa: E731
-        else:
-            lr_lambda = lambda epoch: 1.0  # noqa: E731
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        optimizer, scheduler = make_optimizer(
+            params, hp.learning_rate, hp.adam_eps, hp.weight_decay, hp.lr_schedule, max_epochs
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -290,14 +256,3 @@ class PPOModule(L.LightningModule):
         self.clip_gradients(
             optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
         )
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not (low <= value <= high) or math.isnan(value):
-        raise ValueError(f"model.{name}={value} is outside [{low}, {high}]; pick a value in that range")
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"model.{name}={value} must be > 0")

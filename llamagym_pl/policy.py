@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 import torch
@@ -43,12 +45,19 @@ class PolicyWithValueHead(nn.Module):
         hidden = _hidden_size(lm)
         self.value_head = value_head if value_head is not None else ValueHead(hidden)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, all_logits: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Logits (B, L, V) and values (B, L). With ``all_logits=False`` the LM computes the logits
+        of the last position only, (B, 1, V): the values need the hidden states alone, and the
+        output layer and its full-vocabulary logits over every position cost as much as a layer."""
+        _, keep = lm_call_names(self.lm)
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=True,
             use_cache=False,
+            **({keep: 1} if keep and not all_logits else {}),
         )
         values = self.value_head(out.hidden_states[-1])  # (B, L)
         return out.logits, values  # (B, L, V), (B, L)
@@ -57,6 +66,20 @@ class PolicyWithValueHead(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
         """Sample continuations with the LM's own ``generate`` (KV cache on)."""
         return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@functools.cache
+def _forward_parameters(lm_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(lm_type.forward).parameters)
+
+
+def lm_call_names(lm: nn.Module) -> tuple[str, str | None]:
+    """The names of the KV-cache and keep-last-logits arguments of this transformers version:
+    ``cache`` and ``logits_to_keep`` now; ``past_key_values`` and ``num_logits_to_keep`` before."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # through a peft wrapper
+    params = _forward_parameters(type(base))
+    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return ("cache" if "cache" in params else "past_key_values"), keep
 
 
 def _hidden_size(lm: nn.Module) -> int:

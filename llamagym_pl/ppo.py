@@ -260,3 +260,42 @@ def explained_variance(y_pred: Tensor, y_true: Tensor, mask: Tensor | None = Non
     var_y = masked_var(y_true, mask)
     ev = 1 - masked_var(y_true - y_pred, mask) / var_y
     return torch.where(var_y == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def ppo_objective(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    entropy: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    value_mask: Tensor,
+    clip_coef: float,
+    clip_vloss: bool,
+    vf_coef: float,
+    ent_coef: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The PPO loss to minimize, ``pg_loss - ent_coef * entropy + vf_coef * v_loss``, and its
+    detached diagnostics (named as logged: ``train/policy_loss`` ...).
+
+    logprobs (with grad), old_logprobs, advantages, entropy (with grad): (N,) over a minibatch's
+    N actions (response tokens, or scored turns), advantages already normalized (once per
+    rollout). values (with grad), old_values, returns, value_mask: the minibatch's turns, any
+    shape. The clipped surrogate is :func:`policy_loss`, the value loss :func:`value_loss`
+    (clipped around the old values when ``clip_vloss``).
+    """
+    every = torch.ones_like(logprobs, dtype=torch.bool)
+    pg_loss, clipfrac, kl = policy_loss(logprobs, old_logprobs, advantages, every, clip_coef)
+    entropy = entropy.mean()
+    v_loss = value_loss(values, old_values, returns, value_mask, clip_coef if clip_vloss else None)
+    loss = pg_loss - ent_coef * entropy + vf_coef * v_loss
+    metrics = {
+        "train/policy_loss": pg_loss.detach(),
+        "train/value_loss": v_loss.detach(),
+        "train/entropy": entropy.detach(),
+        "train/approx_kl": kl,
+        "train/clipfrac": clipfrac,
+        "train/loss": loss.detach(),
+    }
+    return loss, metrics

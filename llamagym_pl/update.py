@@ -1,20 +1,22 @@
-"""The two PPO steps that need the policy: scoring a rollout and the minibatch loss.
+"""The PPO steps that need the policy: preparing a rollout, the minibatch loss, the optimizer.
 
-Shared by :class:`~llamagym_pl.module.PPOModule` (Lightning) and the imperative
-:class:`~llamagym_pl.agent.Agent` loop, so both train with exactly the same math
-(:mod:`llamagym_pl.ppo`).
+Shared by :class:`~llamagym_pl.module.PPOModule` (Lightning) and the imperative loop
+(:mod:`llamagym_pl.imperative`), so both train with exactly the same math
+(:mod:`llamagym_pl.ppo`), whatever the action style (:mod:`llamagym_pl.actions`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llamagym_pl import ppo
+from llamagym_pl.actions import ActionStyle
 from llamagym_pl.buffer import RolloutBuffer
-from llamagym_pl.kl import ReferencePolicy, turn_kl
+from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.policy import PolicyWithValueHead
 
 Reduce = Callable[[Tensor], Tensor]
@@ -22,71 +24,45 @@ Reduce = Callable[[Tensor], Tensor]
 
 
 @torch.no_grad()
-def score_rollout(
+def prepare_rollout(
     policy: PolicyWithValueHead,
     buf: RolloutBuffer,
+    style: ActionStyle,
     gamma: float,
     gae_lambda: float,
     batch_size: int,
     reference: ReferencePolicy | None = None,
     kl_coef: float = 0.0,
     *,
-    candidate_kl: Tensor | None = None,
     norm_adv: bool = True,
     reduce: Reduce | None = None,
 ) -> dict[str, float]:
-    """Fill ``buf`` with old log-probs and turn values (one forward per row), GAE and the policy
-    loss's advantages.
+    """Fill ``buf`` with old log-probs, turn values, GAE and the policy loss's advantages: the one
+    no-grad pass over a rollout, in eval mode (``batch_size`` rows, or turns, per forward).
 
-    The value of turn ``t`` of episode ``e`` is read at ``value_positions[e, t]`` (end of its
-    prompt) of row ``value_rows[e, t]``; the bootstrap value of a truncated or cut episode at
-    ``bootstrap_position[e]`` of row ``bootstrap_row[e]``. GAE runs over each episode's turns,
-    across its rows: a prompt that dropped old turns does not cut the episode's return. Token
-    log-probs are those of ``softmax(logits / buf.temperature)``, the distribution sampled from.
+    The style computes its actions' old log-probs and every row position's value
+    (:meth:`~llamagym_pl.actions.ActionStyle.prepare`). The value of turn ``t`` of episode ``e``
+    is read at ``value_positions[e, t]`` (end of its prompt) of row ``value_rows[e, t]``; the
+    bootstrap value of a truncated episode at ``bootstrap_position[e]`` of row
+    ``bootstrap_row[e]``. GAE runs over each episode's turns, across its rows: a prompt that
+    dropped old turns does not cut the episode's return.
 
     KL to the initial policy: with a ``reference`` policy, each turn's reward enters GAE as
-    ``r_t - kl_coef * sum over the turn's tokens of (logp - ref_logp)`` (see
-    :mod:`llamagym_pl.kl`; ``buf.rewards`` keeps the env rewards), and ``train/kl_ref`` (mean
-    per-turn KL) is returned. A per-turn KL computed elsewhere (score mode: from the candidate
-    distributions, :func:`llamagym_pl.score_update.score_candidates`) comes as ``candidate_kl``
-    (E, T).
+    ``r_t - kl_coef * kl_t`` with the style's per-turn KL (see :mod:`llamagym_pl.kl`;
+    ``buf.rewards`` keeps the env rewards), and ``train/kl_ref`` is returned.
 
     ``buf.advantages`` are GAE's plus each turn's format penalty; ``buf.pg_advantages``, what the
     policy loss uses, are those normalized once over the whole rollout (``norm_adv``), with
     moments summed over DDP ranks by ``reduce``.
     """
-    device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
-    logprobs = torch.zeros(buf.input_ids.shape)
-    values = torch.zeros(buf.input_ids.shape)
-    ref_logprobs = torch.zeros(buf.input_ids.shape) if reference is not None else None
     try:
-        for start in range(0, len(buf), batch_size):
-            rows = slice(start, start + batch_size)
-            length = int(buf.lengths[rows].max())
-            ids = buf.input_ids[rows, :length].to(device)
-            mask = buf.attention_mask[rows, :length].to(device)
-            logits, v = policy(ids, mask)  # (B, L, V), (B, L)
-            # logprobs[:, i] = log p(token i | tokens < i); position 0 has no prediction.
-            logprobs[rows, 1:length] = ppo.token_logprobs(logits[:, :-1] / buf.temperature, ids[:, 1:]).cpu()
-            values[rows, :length] = v.float().cpu()
-            if ref_logprobs is not None:
-                ref_logprobs[rows, 1:length] = reference.token_logprobs(ids, mask, buf.temperature).cpu()
+        values, kl, metrics = style.prepare(policy, buf, batch_size, reference)
     finally:
         policy.train(was_training)
-    buf.old_logprobs = logprobs
     buf.old_values = values[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
     next_value = values[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
-    metrics = {}
-    if ref_logprobs is not None:
-        num_turns = buf.turn_mask.shape[1]
-        row_kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (R, T)
-        # Each turn's tokens are in one row: summing an episode's rows gathers its turns.
-        kl = torch.zeros_like(buf.rewards).index_add_(0, buf.row_episode, row_kl)  # (E, T)
-        metrics["train/kl_ref"] = float(ppo.masked_mean(kl, buf.turn_mask))
-    else:
-        kl = candidate_kl
     rewards = buf.rewards if kl is None else buf.rewards - kl_coef * kl
     advantages, buf.returns = ppo.compute_gae(
         rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
@@ -119,60 +95,49 @@ def normalized_advantages(advantages: Tensor, mask: Tensor, norm_adv: bool, redu
     return ppo.whiten_with_moments(advantages, mask, moments)
 
 
-def ppo_loss(
+def minibatch_loss(
+    style: ActionStyle,
     policy: PolicyWithValueHead,
     batch: dict[str, Tensor],
     clip_coef: float,
     clip_vloss: bool,
     vf_coef: float,
     ent_coef: float,
-    temperature: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped-PPO loss of one minibatch (see :func:`llamagym_pl.buffer.minibatch`).
-
-    Returns the loss to minimize and detached diagnostics (policy/value loss, entropy,
-    approx-KL, clipfrac). Only response tokens enter the policy and entropy terms, both under
-    ``softmax(logits / temperature)``, the distribution sampled from; only turn value positions
-    enter the value term. Advantages come normalized (once per rollout, :func:`score_rollout`).
-    """
-    logits, values = policy(batch["input_ids"], batch["attention_mask"])  # (B, L, V), (B, L)
-    rows, cols = batch["action_mask"].nonzero(as_tuple=True)  # response tokens; never position 0
-    # (N, V): the logits that predicted each response token, at the sampling temperature.
-    step_logits = logits[rows, cols - 1] / temperature
-    new_logprobs = ppo.token_logprobs(step_logits, batch["input_ids"][rows, cols])  # (N,)
-    old_logprobs = batch["old_logprobs"][rows, cols]  # (N,)
-    advantages = batch["token_advantages"][rows, cols]  # (N,)
-    every = torch.ones_like(new_logprobs, dtype=torch.bool)
-    pg_loss, clipfrac, approx_kl = ppo.policy_loss(new_logprobs, old_logprobs, advantages, every, clip_coef)
-    entropy = ppo.entropy_from_logits(step_logits).mean()
-    turn_values = values.gather(1, batch["value_positions"])  # (B, T)
-    v_loss = ppo.value_loss(
-        turn_values,
+    """The clipped-PPO loss of one minibatch (``style.minibatch``) and its detached diagnostics:
+    the style's new log-probs, entropies and values (:meth:`~llamagym_pl.actions.ActionStyle.logprobs`)
+    in :func:`llamagym_pl.ppo.ppo_objective`. Only actions enter the policy and entropy terms,
+    only turn values the value term."""
+    terms = style.logprobs(policy, batch)
+    return ppo.ppo_objective(
+        terms.logprobs,
+        terms.old_logprobs,
+        terms.advantages,
+        terms.entropy,
+        terms.values,
         batch["old_values"],
         batch["returns"],
         batch["turn_mask"],
-        clip_coef if clip_vloss else None,
+        clip_coef,
+        clip_vloss,
+        vf_coef,
+        ent_coef,
     )
-    return total_loss(pg_loss, v_loss, entropy, clipfrac, approx_kl, vf_coef, ent_coef)
 
 
-def total_loss(
-    pg_loss: Tensor,
-    v_loss: Tensor,
-    entropy: Tensor,
-    clipfrac: Tensor,
-    approx_kl: Tensor,
-    vf_coef: float,
-    ent_coef: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The PPO objective and its logged diagnostics, shared by generate and score mode."""
-    loss = pg_loss - ent_coef * entropy + vf_coef * v_loss
-    metrics = {
-        "train/policy_loss": pg_loss.detach(),
-        "train/value_loss": v_loss.detach(),
-        "train/entropy": entropy.detach(),
-        "train/approx_kl": approx_kl,
-        "train/clipfrac": clipfrac,
-        "train/loss": loss.detach(),
-    }
-    return loss, metrics
+def make_optimizer(
+    params: list[nn.Parameter],
+    learning_rate: float,
+    adam_eps: float,
+    weight_decay: float,
+    lr_schedule: Literal["constant", "linear"],
+    horizon: int | None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule, stepped once per PPO iteration: ``linear`` decays the learning rate
+    to 0 over ``horizon`` iterations (None or 0: constant), ``constant`` keeps it."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=adam_eps, weight_decay=weight_decay)
+    if lr_schedule == "linear" and horizon:
+        lr_lambda = lambda iteration: max(0.0, 1.0 - iteration / horizon)  # noqa: E731
+    else:
+        lr_lambda = lambda iteration: 1.0  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

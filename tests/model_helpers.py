@@ -18,10 +18,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from llamagym_pl.buffer import RolloutBuffer, build_buffer, minibatch
+from llamagym_pl.actions.generate import GenerateStyle, row_minibatch
+from llamagym_pl.buffer import RolloutBuffer, build_buffer
+from llamagym_pl.episode import Episode
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode
-from llamagym_pl.update import score_rollout
+from llamagym_pl.update import prepare_rollout
 
 # family -> the conftest tokenizer fixture whose chat template it ships with. Qwen3 rather than
 # Qwen2: transformers 5 loads any tokenizer saved next to a model_type "qwen2" config as its
@@ -86,10 +87,10 @@ def episodes(n: int = 4) -> list[Episode]:
 
 
 def scored_batch(policy: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase, n: int = 4) -> dict:
-    """A PPO minibatch of all ``n`` episodes, scored by ``policy`` (old log-probs, GAE)."""
+    """A PPO minibatch of all ``n`` episodes, prepared by ``policy`` (old log-probs, GAE)."""
     buf = build_buffer(tokenizer, episodes(n))
-    score_rollout(policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=n)
-    return minibatch(buf, list(range(n)))
+    prepare_rollout(policy, buf, GenerateStyle(), gamma=1.0, gae_lambda=0.95, batch_size=n)
+    return row_minibatch(buf, list(range(n)))
 
 
 def perturb_trainable(module: torch.nn.Module, seed: int = 1, std: float = 0.05) -> None:

@@ -26,11 +26,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import llamagym_pl
 import llamagym_pl.module
 from llamagym_pl import evaluate, fit
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.guards import DEBUG_ENV, ConfigError, RunAborted
 from llamagym_pl.module import PPOModule
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import RolloutCollector, rollout_metrics
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.stats import rollout_metrics
 from llamagym_pl.tb import read_scalars
 from llamagym_pl.tiny_model import build_tiny_model
 
@@ -289,7 +291,7 @@ gym.register(FLAKY_ENV, entry_point=make_flaky)
 
 def collector(agent: Any = None, num_envs: int = 4, **kwargs: Any) -> RolloutCollector:
     return RolloutCollector(
-        "Blackjack-v1", None, agent or BlackjackAgent(), num_envs, max_new_tokens=4, **kwargs
+        "Blackjack-v1", None, agent or BlackjackAgent(), num_envs, GenerateStyle(max_new_tokens=4), **kwargs
     )
 
 
@@ -329,7 +331,7 @@ def test_empty_generation_is_an_invalid_action(
     eos = torch.tensor([tiny_tokenizer.eos_token_id])
     head = tiny_policy.lm.get_output_embeddings()
     head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, eos, 1e4))
-    c = RolloutCollector("Blackjack-v1", None, BlackjackAgent(), 4, max_new_tokens=1)
+    c = RolloutCollector("Blackjack-v1", None, BlackjackAgent(), 4, GenerateStyle(max_new_tokens=1))
     stats = play(c, tiny_policy, tiny_tokenizer)
     assert {r for ep in stats.episodes for r in ep.responses} == {""}
     assert rollout_metrics(stats)["rollout/invalid_action_rate"] == 1.0
@@ -409,13 +411,13 @@ def test_env_faults_in_training_are_logged_or_abort_in_one_line(tiny_model_dir: 
 
 # ----------------------------------------------------------------------------- losses
 def nan_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = llamagym_pl.module.ppo_loss
+    real = llamagym_pl.module.minibatch_loss
 
     def poisoned(*a: Any, **kw: Any):
         loss, metrics = real(*a, **kw)
         return loss * math.nan, metrics
 
-    monkeypatch.setattr(llamagym_pl.module, "ppo_loss", poisoned)
+    monkeypatch.setattr(llamagym_pl.module, "minibatch_loss", poisoned)
 
 
 def test_non_finite_loss_skips_the_update(

@@ -1,4 +1,4 @@
-"""Rollout buffer layout, minibatch sampling and scoring, on hand-made episodes."""
+"""Rollout buffer layout, minibatch sampling and preparation, on hand-made episodes."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from model_helpers import turn_text
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer, minibatch
+from llamagym_pl.actions.generate import GenerateStyle
+from llamagym_pl.actions.generate import row_minibatch as minibatch
+from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
+from llamagym_pl.episode import Episode
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode
-from llamagym_pl.update import score_rollout
+from llamagym_pl.update import prepare_rollout
 
 SYSTEM = "you are an expert blackjack player."
 OBS = ["your sum is 12.", "your sum is 15.", "your sum is 19."]
@@ -49,7 +51,7 @@ def test_buffer_layout_of_terminated_truncated_and_cut_episodes(
     episodes = make_episodes()
     buf = build_buffer(tiny_tokenizer, episodes)
     assert len(buf) == 3
-    assert not buf.scored
+    assert not buf.prepared
     lengths = buf.lengths.tolist()
     max_len = max(lengths)
     assert buf.input_ids.shape == (3, max_len)
@@ -117,7 +119,7 @@ def test_sampler_refuses_fewer_episodes_than_minibatches() -> None:
         MinibatchSampler(torch.tensor([3, 4, 5]), num_minibatches=4, update_epochs=1, seed=0)
 
 
-def _hand_scored(tokenizer: PreTrainedTokenizerBase) -> RolloutBuffer:
+def _hand_prepared(tokenizer: PreTrainedTokenizerBase) -> RolloutBuffer:
     buf = build_buffer(tokenizer, make_episodes())
     e, t = buf.turn_mask.shape
     buf.old_logprobs = -torch.arange(buf.input_ids.numel(), dtype=torch.float32).view_as(buf.input_ids) / 100
@@ -129,7 +131,7 @@ def _hand_scored(tokenizer: PreTrainedTokenizerBase) -> RolloutBuffer:
 
 
 def test_minibatch_spreads_turn_advantages_to_their_tokens(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    buf = _hand_scored(tiny_tokenizer)
+    buf = _hand_prepared(tiny_tokenizer)
     for index in ([2, 0], [1], [0, 1, 2]):
         mb = minibatch(buf, index)
         length = int(buf.lengths[index].max())
@@ -151,12 +153,12 @@ def test_minibatch_spreads_turn_advantages_to_their_tokens(tiny_tokenizer: PreTr
         assert torch.equal(mb["token_advantages"] != 0, mb["action_mask"])
 
 
-def test_minibatch_needs_a_scored_buffer(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    with pytest.raises(RuntimeError, match="scored"):
+def test_minibatch_needs_a_prepared_buffer(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    with pytest.raises(RuntimeError, match="prepared"):
         minibatch(build_buffer(tiny_tokenizer, make_episodes()), [0])
 
 
-def test_score_rollout_matches_a_direct_forward_and_gae(
+def test_prepare_rollout_matches_a_direct_forward_and_gae(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     episodes = make_episodes()
@@ -164,9 +166,9 @@ def test_score_rollout_matches_a_direct_forward_and_gae(
     gamma, lam = 0.9, 0.8
     tiny_policy.train()
     # batch_size=2 scores a padded batch of two, then one episode alone.
-    out = score_rollout(tiny_policy, buf, gamma=gamma, gae_lambda=lam, batch_size=2)
-    assert tiny_policy.training, "score_rollout must restore the policy's mode"
-    assert buf.scored
+    out = prepare_rollout(tiny_policy, buf, GenerateStyle(), gamma=gamma, gae_lambda=lam, batch_size=2)
+    assert tiny_policy.training, "prepare_rollout must restore the policy's mode"
+    assert buf.prepared
 
     tiny_policy.eval()
     values = []

@@ -10,14 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from llamagym_pl.chat import (
-    build_messages,
-    encode_episode,
-    encode_prompts,
-    encode_text,
-    render,
-    supports_system_role,
-)
+from llamagym_pl.chat import build_messages, encode_prompts, encode_text, render, supports_system_role
+from llamagym_pl.spans import encode_episode
 
 SYSTEM = "you are an expert player."
 OBSERVATIONS = ["your sum is 14.", "your sum is 17.", "your sum is 20."]

@@ -19,8 +19,13 @@ import pytest
 import torch
 from run_args import tiny_run_args
 
+from llamagym_pl.checkpointing import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    defer_interrupts,
+    raise_if_interrupted,
+)
 from llamagym_pl.fit import build_cli
-from llamagym_pl.guards import AtomicCheckpointIO, InterruptCheckpoint, defer_interrupts, raise_if_interrupted
 from llamagym_pl.tb import read_scalars
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack.yaml"

@@ -12,16 +12,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
+from llamagym_pl.actions import GenerateStyle, ScoreStyle
+from llamagym_pl.actions.candidates import candidate_minibatch, turn_distribution
+from llamagym_pl.actions.generate import cut_at_eos, row_minibatch
+from llamagym_pl.actions.scoring import candidate_forward
 from llamagym_pl.agents import BlackjackAgent
-from llamagym_pl.buffer import MinibatchSampler, build_buffer, minibatch
+from llamagym_pl.buffer import MinibatchSampler, build_buffer
+from llamagym_pl.episode import Episode
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode, RolloutCollector, cut_at_eos
-from llamagym_pl.score_buffer import build_score_buffer, score_minibatch
-from llamagym_pl.score_update import score_candidates, score_ppo_loss
-from llamagym_pl.scoring import candidate_forward, turn_distribution
-from llamagym_pl.scoring_rollout import ScoringCollector
-from llamagym_pl.update import ppo_loss, score_rollout
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.update import minibatch_loss, prepare_rollout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +65,8 @@ def test_advantages_are_normalized_once_per_rollout_not_per_length_sorted_miniba
     token an advantage of exactly 0 here (the long and the short replies fell in different
     minibatches, each of equal advantages), so there was no policy gradient at all."""
     buf = build_buffer(tiny_tokenizer, length_probe())
-    score_rollout(tiny_policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=8)
+    style = GenerateStyle()
+    prepare_rollout(tiny_policy, buf, style, gamma=1.0, gae_lambda=0.95, batch_size=8)
     # One prompt, one value V: advantages are +1 - V and -1 - V, whitened over the 8 turns to
     # +-1 / sqrt(8 / 7) (unbiased variance 8 / 7).
     expected = torch.tensor([1.0, -1.0] * 4) / math.sqrt(8 / 7)
@@ -73,7 +75,7 @@ def test_advantages_are_normalized_once_per_rollout_not_per_length_sorted_miniba
     for index in sampler:
         rewards = buf.rewards[index, 0]
         assert len(set(rewards.tolist())) == 1, "the sampler groups rows by length"
-        _, metrics = ppo_loss(tiny_policy.eval(), minibatch(buf, index), 0.2, True, 0.5, 0.0)
+        _, metrics = minibatch_loss(style, tiny_policy.eval(), row_minibatch(buf, index), 0.2, True, 0.5, 0.0)
         # At ratio 1 the policy loss is minus the mean token advantage: -(+-0.935), not 0.
         sign = float(rewards[0])
         torch.testing.assert_close(
@@ -85,15 +87,18 @@ def test_normalization_pools_the_moments_of_every_rank(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     episodes = length_probe()
+    style = GenerateStyle()
     whole = build_buffer(tiny_tokenizer, episodes)
-    score_rollout(tiny_policy, whole, gamma=1.0, gae_lambda=0.95, batch_size=8)
+    prepare_rollout(tiny_policy, whole, style, gamma=1.0, gae_lambda=0.95, batch_size=8)
     # "Rank 0" holds the first three episodes; the reduce adds the other rank's moments.
     part, rest = build_buffer(tiny_tokenizer, episodes[:3]), build_buffer(tiny_tokenizer, episodes[3:])
-    score_rollout(tiny_policy, rest, gamma=1.0, gae_lambda=0.95, batch_size=8)
+    prepare_rollout(tiny_policy, rest, style, gamma=1.0, gae_lambda=0.95, batch_size=8)
     other = ppo.masked_moments(rest.advantages, rest.turn_mask)
-    score_rollout(tiny_policy, part, gamma=1.0, gae_lambda=0.95, batch_size=8, reduce=lambda m: m + other)
+    prepare_rollout(
+        tiny_policy, part, style, gamma=1.0, gae_lambda=0.95, batch_size=8, reduce=lambda m: m + other
+    )
     torch.testing.assert_close(part.pg_advantages, whole.pg_advantages[:3], rtol=1e-5, atol=1e-5)
-    score_rollout(tiny_policy, part, gamma=1.0, gae_lambda=0.95, batch_size=8, norm_adv=False)
+    prepare_rollout(tiny_policy, part, style, gamma=1.0, gae_lambda=0.95, batch_size=8, norm_adv=False)
     torch.testing.assert_close(part.pg_advantages, part.advantages)
 
 
@@ -121,10 +126,11 @@ def test_generate_mode_scores_the_tempered_distribution_it_sampled_from(
         return out.sequences
 
     lm.generate = generate
-    collector = RolloutCollector(ENV, KWARGS, BlackjackAgent(), num_envs=4, max_new_tokens=2, temperature=0.5)
+    style = GenerateStyle(max_new_tokens=2, temperature=0.5)
+    collector = RolloutCollector(ENV, KWARGS, BlackjackAgent(), num_envs=4, style=style)
     episodes = collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1).episodes
     buf = build_buffer(tiny_tokenizer, episodes, temperature=0.5)
-    score_rollout(tiny_policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=8)
+    prepare_rollout(tiny_policy, buf, style, gamma=1.0, gae_lambda=0.95, batch_size=8)
     for e, ep in enumerate(episodes):
         for t in range(ep.num_turns):
             row = int(buf.value_rows[e, t])
@@ -132,21 +138,24 @@ def test_generate_mode_scores_the_tempered_distribution_it_sampled_from(
             behaviour = sampled[tuple(ep.prompt_ids[t] + ep.response_ids[t])]
             torch.testing.assert_close(scored, behaviour, rtol=1e-4, atol=1e-4)
     # ... and the update's first minibatch sees ratio 1 and the tempered entropy.
-    batch = minibatch(buf, list(range(buf.num_train_rows)))
-    _, metrics = ppo_loss(tiny_policy.train(), batch, 0.2, True, 0.5, 0.0, temperature=0.5)
+    batch = row_minibatch(buf, list(range(buf.num_train_rows)))
+    _, metrics = minibatch_loss(style, tiny_policy.train(), batch, 0.2, True, 0.5, 0.0)
     assert float(metrics["train/approx_kl"]) == 0.0 and float(metrics["train/clipfrac"]) == 0.0
 
 
 def scored_turns(policy, tokenizer, temperature: float):
-    collector = ScoringCollector(ENV, KWARGS, BlackjackAgent(), 8, 4, temperature=temperature)
+    agent = BlackjackAgent()
+    style = ScoreStyle(agent, temperature=temperature)
+    collector = RolloutCollector(ENV, KWARGS, agent, 8, style)
     episodes = collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=2).episodes
-    ep_buf = build_buffer(tokenizer, episodes, temperature=temperature)
-    return episodes, ep_buf, build_score_buffer(tokenizer, episodes, ep_buf, "token")
+    buf = build_buffer(tokenizer, episodes, temperature=temperature)
+    style.encode(tokenizer, episodes, buf)
+    return episodes, style, buf
 
 
 def direct_logp(policy, buf, temperature: float) -> torch.Tensor:
     """(N, C) candidate log-probs of every turn, by one batched forward of the public pieces."""
-    batch = score_minibatch(buf, list(range(len(buf))))
+    batch = candidate_minibatch(buf, list(range(len(buf.actions))))
     with torch.no_grad():
         sums = candidate_forward(policy, batch)[0]
     return torch.log_softmax(turn_distribution(batch, sums, "token") / temperature, -1), batch
@@ -157,15 +166,14 @@ def test_score_mode_scores_at_the_sampling_temperature(
 ) -> None:
     """Regression (item 6): score mode sampled from softmax(scores / T) and scored softmax(scores)."""
     policy = tiny_policy.eval()
-    _, ep_buf, buf = scored_turns(policy, tiny_tokenizer, temperature=0.25)
-    score_candidates(policy, buf, batch_size=5)
+    _, style, buf = scored_turns(policy, tiny_tokenizer, temperature=0.25)
+    prepare_rollout(policy, buf, style, gamma=1.0, gae_lambda=0.95, batch_size=5)  # several chunks
     logp, batch = direct_logp(policy, buf, 0.25)
     torch.testing.assert_close(
-        buf.old_logprobs, logp.gather(1, buf.chosen[:, None]).squeeze(1), rtol=1e-5, atol=1e-5
+        buf.old_logprobs, logp.gather(1, buf.actions.chosen[:, None]).squeeze(1), rtol=1e-5, atol=1e-5
     )
-    score_rollout(policy, ep_buf, gamma=1.0, gae_lambda=0.95, batch_size=64)
-    batch = score_minibatch(buf, list(range(len(buf))))
-    _, metrics = score_ppo_loss(policy, batch, "token", 0.2, True, 0.5, 0.0, temperature=0.25)
+    batch = candidate_minibatch(buf, list(range(len(buf.actions))))
+    _, metrics = minibatch_loss(style, policy, batch, 0.2, True, 0.5, 0.0)
     assert float(metrics["train/approx_kl"]) < 1e-10
     entropy = -(logp.exp() * logp).nansum(-1).mean()
     torch.testing.assert_close(float(metrics["train/entropy"]), float(entropy), rtol=1e-5, atol=1e-5)
@@ -184,31 +192,33 @@ def test_score_mode_kl_comes_from_the_candidate_distributions(
         for p in policy.lm.parameters():
             p.add_(0.05 * torch.randn_like(p))
     temperature = 0.5
-    episodes, ep_buf, buf = scored_turns(policy, tiny_tokenizer, temperature)
-    metrics, kl = score_candidates(policy, buf, batch_size=64, reference=reference)
+    episodes, style, buf = scored_turns(policy, tiny_tokenizer, temperature)
+    _, kl, metrics = style.prepare(policy, buf, batch_size=64, reference=reference)
     logp, _ = direct_logp(policy, buf, temperature)
     ref_logp, _ = direct_logp(initial, buf, temperature)
-    chosen = buf.chosen[:, None]
+    turns = buf.actions
+    chosen = turns.chosen[:, None]
     k1 = (logp.gather(1, chosen) - ref_logp.gather(1, chosen)).squeeze(1)  # (N,)
-    torch.testing.assert_close(kl[buf.turn_episode, buf.turn_step], k1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl[turns.turn_episode, turns.turn_step], k1, rtol=1e-5, atol=1e-5)
     exact = (logp.exp() * (logp - ref_logp)).nansum(-1)  # (N,) KL over each turn's candidates
     assert (exact >= 0).all() and float(exact.mean()) > 1e-4
     torch.testing.assert_close(metrics["train/kl_ref"], float(exact.mean()), rtol=1e-5, atol=1e-6)
     # The penalty enters each turn's reward before GAE.
     coef = 0.3
-    score_rollout(
+    prepare_rollout(
         policy,
-        ep_buf,
+        buf,
+        style,
         gamma=1.0,
         gae_lambda=1.0,
         batch_size=64,
+        reference=reference,
         kl_coef=coef,
-        candidate_kl=kl,
         norm_adv=False,
     )
     for e, ep in enumerate(episodes):
         if ep.terminated:  # gamma = lambda = 1: A_t = sum of later rewards - V_t
             penalized = [r - coef * float(kl[e, t]) for t, r in enumerate(ep.rewards)]
             togo = [sum(penalized[t:]) for t in range(ep.num_turns)]
-            expected = torch.tensor(togo) - ep_buf.old_values[e, : ep.num_turns]
-            torch.testing.assert_close(ep_buf.advantages[e, : ep.num_turns], expected, rtol=1e-5, atol=1e-5)
+            expected = torch.tensor(togo) - buf.old_values[e, : ep.num_turns]
+            torch.testing.assert_close(buf.advantages[e, : ep.num_turns], expected, rtol=1e-5, atol=1e-5)

@@ -108,7 +108,7 @@ def test_tiny_fit_plays_whole_episodes_within_the_prompt_budget(tiny_model_dir: 
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     budget = cli.datamodule.hparams.max_prompt_tokens
     assert budget is not None
-    tokenizer, stats = cli.model.tokenizer, cli.datamodule.last_stats
+    tokenizer, stats = cli.model.tokenizer, cli.datamodule.rollout.stats
     episodes = stats.episodes
     assert any(ep.terminated for ep in episodes), "a random walk of 24 steps ends in a hole or the goal"
     for ep in episodes:

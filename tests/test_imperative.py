@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llamagym_pl.imperative as imperative
 from llamagym_pl import Agent
-from llamagym_pl.imperative import ImperativeConfig, generation_kwargs
+from llamagym_pl.imperative_setup import ImperativeConfig, generation_kwargs
 from llamagym_pl.policy import PolicyWithValueHead
 
 # Two tokens are enough for "hit </s>"; LlamaGym's 32 would make the loop test slow on CPU.
@@ -145,7 +145,7 @@ def test_invalid_reply_plays_counted_fallback(tiny_model_dir: Path) -> None:
     assert agent.act(observation) == 0
     agent.assign_reward(1.0)
     agent.assign_reward(0.5)  # the same turn: rewards add
-    ep = agent._imperative.episode
+    ep = agent.imperative.episode
     assert (len(ep.observations), len(ep.responses), len(ep.rewards), len(ep.invalid)) == (1, 1, 1, 1)
     assert ep.rewards == [1.5] and ep.penalties == [-0.5]
     assert ep.env_return == 1.5 and ep.invalid == [True]
@@ -153,7 +153,7 @@ def test_invalid_reply_plays_counted_fallback(tiny_model_dir: Path) -> None:
     stats = play(agent, env, seed=1)  # the fallback "stick" ends every episode after one turn
     assert stats["rollout/env_steps"] == 2 and stats["rollout/invalid_actions"] == 2
     assert stats["rollout/invalid_action_rate"] == 1.0
-    assert agent._imperative.episodes == []  # the update consumed the batch
+    assert agent.imperative.episodes == []  # the update consumed the batch
 
 
 def test_out_of_space_action_gets_random_fallback(tiny_model_dir: Path) -> None:
@@ -163,7 +163,7 @@ def test_out_of_space_action_gets_random_fallback(tiny_model_dir: Path) -> None:
     observation, _ = env.reset(seed=0)
     actions = {agent.act(observation) for _ in range(20)}
     assert actions <= {0, 1}
-    ep = agent._imperative.episode
+    ep = agent.imperative.episode
     assert ep.invalid == [True] * 20 and len(ep.observations) == len(ep.responses) == 20
 
 
@@ -172,7 +172,7 @@ def test_invalid_reply_without_action_space_is_a_clear_error(tiny_model_dir: Pat
     agent = MuteAgent(model, tokenizer, "cpu", FAST_GENERATE)
     with pytest.raises(RuntimeError, match="action_space"):
         agent.act((12, 3, 0))
-    assert agent._imperative.episode.responses == []  # the failed turn left no half entry
+    assert agent.imperative.episode.responses == []  # the failed turn left no half entry
 
 
 def test_assign_reward_before_act_raises(tiny_model_dir: Path) -> None:
@@ -202,7 +202,7 @@ def test_eval_mode_is_greedy_and_records_nothing(tiny_model_dir: Path) -> None:
         agent.assign_reward(1.0)
         assert agent.terminate_episode() == {}
     assert replies[0] == replies[1]
-    assert agent._imperative.episodes == [] and agent._imperative.num_updates == 0
+    assert agent.imperative.episodes == [] and agent.imperative.num_updates == 0
 
     agent.train()
     agent.act((12, 3, 0))
@@ -216,8 +216,8 @@ def test_device_as_str_or_torch_device(tiny_model_dir: Path, device: str | torch
     model, tokenizer = load(tiny_model_dir)
     agent = BlackjackAgent(model, tokenizer, device, FAST_GENERATE)
     assert agent.act((12, 3, 0)) in (0, 1)
-    assert agent._imperative.device == torch.device("cpu")
-    assert all(p.device.type == "cpu" for p in agent._imperative.policy.parameters())
+    assert agent.imperative.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in agent.imperative.policy.parameters())
 
 
 def test_existing_policy_with_value_head_is_used_as_is(tiny_model_dir: Path) -> None:
@@ -225,7 +225,7 @@ def test_existing_policy_with_value_head_is_used_as_is(tiny_model_dir: Path) -> 
     policy = PolicyWithValueHead(model)
     agent = BlackjackAgent(policy, tokenizer, "cpu", FAST_GENERATE)
     agent.act((12, 3, 0))
-    assert agent._imperative.policy is policy
+    assert agent.imperative.policy is policy
 
 
 def test_truncated_episode_bootstraps_from_next_observation(tiny_model_dir: Path) -> None:
@@ -236,7 +236,7 @@ def test_truncated_episode_bootstraps_from_next_observation(tiny_model_dir: Path
     with pytest.raises(ValueError, match="next_observation"):
         agent.terminate_episode(truncated=True)
     assert agent.terminate_episode(truncated=True, next_observation=(15, 3, 0)) == {}
-    ep = agent._imperative.episodes[0]
+    ep = agent.imperative.episodes[0]
     assert ep.truncated and not ep.terminated
     assert ep.observations == ["Your current total is 12", "Your current total is 15"]
     agent.act((20, 3, 0))
@@ -255,15 +255,20 @@ def test_update_uses_the_shared_ppo_functions(tiny_model_dir: Path, monkeypatch:
 
         return wrapped
 
-    for name in ("build_buffer", "score_rollout", "ppo_loss", "minibatch"):
+    for name in ("build_buffer", "prepare_rollout", "minibatch_loss"):
         monkeypatch.setattr(imperative, name, spy(name, getattr(imperative, name)))
+
+    class Dataset(imperative.RolloutDataset):  # the Lightning path's minibatches
+        __getitem__ = spy("minibatch", imperative.RolloutDataset.__getitem__)
+
+    monkeypatch.setattr(imperative, "RolloutDataset", Dataset)
     model, tokenizer = load(tiny_model_dir)
     config = {"batch_size": 2, "num_minibatches": 2, "update_epochs": 3}
     agent = BlackjackAgent(model, tokenizer, "cpu", FAST_GENERATE, config)
     env = gym.make("Blackjack-v1")
     assert play(agent, env, seed=0) == {}
     stats = play(agent, env, seed=1)
-    assert calls == {"build_buffer": 1, "score_rollout": 1, "ppo_loss": 6, "minibatch": 6}
+    assert calls == {"build_buffer": 1, "prepare_rollout": 1, "minibatch_loss": 6, "minibatch": 6}
     assert stats["train/minibatch_steps"] == 6
 
 
@@ -297,7 +302,7 @@ def test_trl_value_head_model_is_unwrapped(tiny_model_dir: Path) -> None:
 
     agent = BlackjackAgent(TrlLike(), tokenizer, "cpu", FAST_GENERATE)
     agent.act((12, 3, 0))
-    assert agent._imperative.policy.lm is model
+    assert agent.imperative.policy.lm is model
 
 
 def assistant_replies(model_dir: Path, generate: dict[str, Any], training: bool = True) -> list[str]:

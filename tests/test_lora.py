@@ -10,13 +10,14 @@ from model_helpers import episodes, perturb_trainable, save_checkpoint, scored_b
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.buffer import build_buffer
 from llamagym_pl.fit import build_cli
 from llamagym_pl.kl import KLController, ReferencePolicy, turn_kl
 from llamagym_pl.loading import build_policy, load_causal_lm
 from llamagym_pl.module import PPOModule
 from llamagym_pl.policy import PolicyWithValueHead, is_peft
-from llamagym_pl.update import ppo_loss, score_rollout
+from llamagym_pl.update import minibatch_loss, prepare_rollout
 
 LORA_YAML = Path(__file__).parents[1] / "experiments" / "blackjack-lora.yaml"
 
@@ -25,7 +26,7 @@ def _train_steps(policy: PolicyWithValueHead, batch: dict, steps: int = 3) -> No
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     for _ in range(steps):
-        loss, _ = ppo_loss(policy, batch, 0.2, True, 0.5, 0.01)
+        loss, _ = minibatch_loss(GenerateStyle(), policy, batch, 0.2, True, 0.5, 0.01)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -73,7 +74,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(
         policy = build_policy(str(tiny_model_dir), lora_r=4, gradient_checkpointing=checkpointing)
         perturb_trainable(policy)
         batch = scored_batch(policy, tiny_tokenizer)
-        loss, _ = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.0)
+        loss, _ = minibatch_loss(GenerateStyle(), policy.train(), batch, 0.2, True, 0.5, 0.0)
         loss.backward()
         grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
     assert policy.lm.is_activation_checkpointing
@@ -141,7 +142,7 @@ def test_kl_controller_fixed_adaptive_and_state() -> None:
         KLController(-0.1)
 
 
-def test_score_rollout_subtracts_the_kl_penalty_from_turn_rewards(
+def test_prepare_rollout_subtracts_the_kl_penalty_from_turn_rewards(
     tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     policy = build_policy(str(tiny_model_dir), lora_r=4)
@@ -149,7 +150,9 @@ def test_score_rollout_subtracts_the_kl_penalty_from_turn_rewards(
     reference = ReferencePolicy(policy)
     buf = build_buffer(tiny_tokenizer, episodes(4))
     raw_rewards = buf.rewards.clone()
-    metrics = score_rollout(policy, buf, 0.9, 0.8, batch_size=3, reference=reference, kl_coef=0.5)
+    metrics = prepare_rollout(
+        policy, buf, GenerateStyle(), 0.9, 0.8, batch_size=3, reference=reference, kl_coef=0.5
+    )
     ref = torch.zeros_like(buf.old_logprobs)
     ref[:, 1:] = reference.token_logprobs(buf.input_ids, buf.attention_mask)
     kl = turn_kl(buf.old_logprobs, ref, buf.action_mask, buf.turn_index, buf.turn_mask.shape[1])  # (E, T)

@@ -17,9 +17,10 @@ from model_helpers import FAMILIES, SYSTEM, build_family_model
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
-from llamagym_pl.chat import build_messages, encode_episode, encode_prompts
+from llamagym_pl.chat import build_messages, encode_prompts
 from llamagym_pl.loading import build_policy, load_causal_lm, load_tokenizer
 from llamagym_pl.policy import is_peft
+from llamagym_pl.spans import encode_episode
 
 OBS = ["your sum is 14 .", "your sum is 19 .", "your sum is 21 ."]
 RESP = ["hit", "stick"]

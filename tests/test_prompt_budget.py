@@ -15,18 +15,19 @@ from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
+from llamagym_pl.actions import GenerateStyle, ScoreStyle
+from llamagym_pl.actions.generate import row_minibatch as minibatch
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.agents.blackjack import HIT
-from llamagym_pl.buffer import build_buffer, minibatch
+from llamagym_pl.buffer import build_buffer
 from llamagym_pl.chat import build_messages, encode_text, fit_to_budget, render
+from llamagym_pl.episode import Episode
 from llamagym_pl.fit import build_cli, main
 from llamagym_pl.guards import DEBUG_ENV, ConfigError
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode, RolloutCollector
-from llamagym_pl.score_buffer import build_score_buffer
-from llamagym_pl.scoring_rollout import ScoringCollector
+from llamagym_pl.rollout import RolloutCollector
 from llamagym_pl.tb import read_scalars
-from llamagym_pl.update import ppo_loss, score_rollout
+from llamagym_pl.update import minibatch_loss, prepare_rollout
 
 SYSTEM = "you are an expert blackjack player ."
 OBS = [f"your sum is {12 + i} ." for i in range(5)]
@@ -132,7 +133,7 @@ def test_values_and_logprobs_come_from_the_prompts_seen_and_gae_spans_rows(
     episodes = hand_episodes()
     buf = build_buffer(tiny_tokenizer, episodes)
     gamma, lam = 0.9, 0.8
-    score_rollout(tiny_policy, buf, gamma=gamma, gae_lambda=lam, batch_size=3)
+    prepare_rollout(tiny_policy, buf, GenerateStyle(), gamma=gamma, gae_lambda=lam, batch_size=3)
     policy = tiny_policy.eval()
 
     def value(ids: list[int]) -> float:
@@ -190,26 +191,30 @@ gym.register(CORRIDOR, entry_point=Corridor)
 BUDGET = 80  # system prompt + 3 observations: turns 3 and 4 of a corridor drop old turns
 
 
-def budget_collect(
-    collector_type: type[RolloutCollector], policy, tokenizer, time_limit: int | None
-) -> list[Episode]:
+def budget_collect(policy_style: str, policy, tokenizer, time_limit: int | None) -> list[Episode]:
     """Plays 2 corridors x 5 turns under ``BUDGET``: one terminated 5-turn episode each, or with a
     time limit of 4 two truncated 4-turn ones each, which keep their next observation. Checks that
     every prompt the policy answered is the one ``Episode.prompt_start`` records."""
     # One new token: a reply's length (one word, or none) cannot shift where the budget cuts.
-    collector = collector_type(
-        CORRIDOR, None, BlackjackAgent(), 2, 1, max_episode_steps=time_limit, max_prompt_tokens=BUDGET
+    agent = BlackjackAgent()
+    style = GenerateStyle(max_new_tokens=1) if policy_style == "generate" else ScoreStyle(agent)
+    collector = RolloutCollector(
+        CORRIDOR, None, agent, 2, style, max_episode_steps=time_limit, max_prompt_tokens=BUDGET
     )
+    built: dict[int, tuple[Episode, int]] = {}  # conversation -> (its episode, its turn)
     seen: list[tuple[Episode, int, list[dict[str, str]]]] = []
-    reply = collector._reply
+    messages, reply = collector.actor.budget.messages, style.reply
 
-    def spy(policy, tokenizer, conversations, greedy, envs, episodes):
-        seen.extend(
-            (ep, len(ep.observations) - 1, conv) for ep, conv in zip(episodes, conversations, strict=True)
-        )
-        return reply(policy, tokenizer, conversations, greedy, envs, episodes)
+    def spy_messages(tokenizer, ep):
+        conversation = messages(tokenizer, ep)
+        built[id(conversation)] = (ep, len(ep.observations) - 1)
+        return conversation
 
-    collector._reply = spy
+    def spy_reply(policy, tokenizer, conversations, states, greedy):
+        seen.extend((*built[id(conv)], conv) for conv in conversations)
+        return reply(policy, tokenizer, conversations, states, greedy)
+
+    collector.actor.budget.messages, style.reply = spy_messages, spy_reply
     episodes = collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=5).episodes
     assert [ep.num_turns for ep in episodes] == ([5] * 2 if time_limit is None else [4] * 4)
     assert all(ep.truncated == (time_limit is not None) for ep in episodes)
@@ -235,7 +240,7 @@ def budget_collect(
 def test_rollout_plays_and_trains_on_budgeted_prompts(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase, time_limit: int | None
 ) -> None:
-    episodes = budget_collect(RolloutCollector, tiny_policy, tiny_tokenizer, time_limit)
+    episodes = budget_collect("generate", tiny_policy, tiny_tokenizer, time_limit)
     buf = build_buffer(tiny_tokenizer, episodes)
     # Terminated corridors: turns 0-2, 3, 4. Truncated ones: turns 0-2, 3, then the bootstrap alone.
     expected = [3, 1, 1] * 2 if time_limit is None else [3, 1] * 4 + [0] * 4
@@ -254,26 +259,27 @@ def test_rollout_plays_and_trains_on_budgeted_prompts(
 def test_score_mode_scores_candidates_on_budgeted_prompts(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase, time_limit: int | None
 ) -> None:
-    episodes = budget_collect(ScoringCollector, tiny_policy, tiny_tokenizer, time_limit)
+    episodes = budget_collect("score", tiny_policy, tiny_tokenizer, time_limit)
     episode_buf = build_buffer(tiny_tokenizer, episodes)
-    buf = build_score_buffer(tiny_tokenizer, episodes, episode_buf, "token")  # checks its prefixes
-    for n in range(len(buf)):
-        e, t = int(buf.turn_episode[n]), int(buf.turn_step[n])
-        length = int(buf.prompt_mask[n].sum())
-        assert buf.prompt_ids[n, -length:].tolist() == prompt_ids(tiny_tokenizer, episodes[e], t)
+    ScoreStyle(BlackjackAgent()).encode(tiny_tokenizer, episodes, episode_buf)  # checks its prefixes
+    turns = episode_buf.actions
+    for n in range(len(turns)):
+        e, t = int(turns.turn_episode[n]), int(turns.turn_step[n])
+        length = int(turns.prompt_mask[n].sum())
+        assert turns.prompt_ids[n, -length:].tolist() == prompt_ids(tiny_tokenizer, episodes[e], t)
         assert length - 1 == int(episode_buf.value_positions[e, t])
 
 
 def test_too_small_a_budget_names_the_setting(
     tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    collector = RolloutCollector(CORRIDOR, None, BlackjackAgent(), 1, 4, max_prompt_tokens=20)
+    collector = RolloutCollector(CORRIDOR, None, BlackjackAgent(), 1, GenerateStyle(4), max_prompt_tokens=20)
     with pytest.raises(
         ConfigError, match=r"data.max_prompt_tokens=20 cannot hold the system prompt \(\d+ tokens\)"
     ):
         collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
     with pytest.raises(ValueError, match="data.max_prompt_tokens=0 must be >= 1"):
-        RolloutCollector(CORRIDOR, None, BlackjackAgent(), 1, 4, max_prompt_tokens=0)
+        RolloutCollector(CORRIDOR, None, BlackjackAgent(), 1, GenerateStyle(4), max_prompt_tokens=0)
 
 
 def test_imperative_loop_keeps_to_the_budget(tiny_model_dir: Path) -> None:
@@ -294,20 +300,20 @@ def test_imperative_loop_keeps_to_the_budget(tiny_model_dir: Path) -> None:
     config["action_space"] = env.action_space
     agent = BlackjackAgent(model, tokenizer, "cpu", {"max_new_tokens": 2}, config)
     lengths: list[int] = []
-    generate = agent._trainer().policy.generate
+    generate = agent.imperative.policy.generate
 
     def spy(input_ids, attention_mask, **kwargs):
         lengths.append(int(attention_mask.sum()))
         return generate(input_ids, attention_mask, **kwargs)
 
-    agent._trainer().policy.generate = spy
+    agent.imperative.policy.generate = spy
     stats: dict[str, float] = {}
     for episode in range(2):
         observation, _ = env.reset(seed=episode)
         for _ in range(4):  # a time limit cuts the corridor after 4 turns
             observation, reward, _, _, _ = env.step(agent.act(observation))
             agent.assign_reward(reward)
-        recorded = agent._trainer().episode
+        recorded = agent.imperative.episode
         stats = agent.terminate_episode(truncated=True, next_observation=observation)
     assert recorded.prompt_start == [0, 0, 0, 1, 2]  # the bootstrap state's prompt included
     assert len(lengths) == 8 and max(lengths) <= BUDGET
@@ -337,9 +343,9 @@ def test_fit_with_a_budget_is_deterministic(policy: str, tiny_model_dir: Path, t
         assert len(first[tag]) == (1 if tag.startswith("eval") else 2)
         assert all(torch.isfinite(torch.tensor(v)) for _, v in first[tag]), tag
     data = runs[0].datamodule
-    episodes = data.last_stats.episodes
+    episodes = data.rollout.stats.episodes
     assert any(start > 0 for ep in episodes for start in ep.prompt_start), "no prompt was budgeted"
-    assert data.buffer.num_train_rows > len(episodes)
+    assert data.rollout.buffer.num_train_rows > len(episodes)
 
 
 def test_too_small_a_budget_stops_fit_with_one_line(
@@ -374,12 +380,12 @@ def test_every_minibatch_of_mixed_row_layouts_trains(
         Episode(SYSTEM, OBS[:1], RESP[:1], [-1.0], [False], -1.0, terminated=True),
     ]
     buf = build_buffer(tiny_tokenizer, episodes)
-    score_rollout(tiny_policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=8)
+    prepare_rollout(tiny_policy, buf, GenerateStyle(), gamma=1.0, gae_lambda=0.95, batch_size=8)
     rows = range(buf.num_train_rows)
     assert buf.num_train_rows == 4
     for index in [[a, b] for a in rows for b in rows if a != b] + [list(rows)]:
         batch = minibatch(buf, index)
-        loss, _ = ppo_loss(tiny_policy, batch, 0.2, True, 0.5, 0.0)
+        loss, _ = minibatch_loss(GenerateStyle(), tiny_policy, batch, 0.2, True, 0.5, 0.0)
         assert torch.isfinite(loss), index
         # Padding turns read position 0 of their own row (any valid index; masked out of the loss).
         assert (batch["value_positions"][~batch["turn_mask"]] == 0).all()

@@ -9,11 +9,12 @@ import torch
 from model_helpers import perturb_trainable, save_checkpoint, scored_batch
 from transformers import PreTrainedTokenizerBase
 
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.fit import build_cli
 from llamagym_pl.loading import build_policy
 from llamagym_pl.module import PPOModule
 from llamagym_pl.policy import PolicyWithValueHead, is_peft
-from llamagym_pl.update import ppo_loss
+from llamagym_pl.update import minibatch_loss
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 
@@ -43,7 +44,7 @@ def test_quantized_lora_step(
     assert torch.isfinite(batch["old_logprobs"]).all() and (batch["old_logprobs"] <= 0).all()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
-        loss, metrics = ppo_loss(policy.train(), batch, 0.2, True, 0.5, 0.01)
+        loss, metrics = minibatch_loss(GenerateStyle(), policy.train(), batch, 0.2, True, 0.5, 0.01)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
         optimizer.zero_grad()
         loss.backward()

@@ -10,11 +10,14 @@ import gymnasium as gym
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.agents.blackjack import HIT, STICK
+from llamagym_pl.episode import Episode
 from llamagym_pl.loading import load_causal_lm
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode, RolloutCollector, rollout_metrics
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.stats import rollout_metrics
 
 ENV = "Blackjack-v1"
 
@@ -71,7 +74,12 @@ def check_in_step(ep: Episode) -> None:
 
 def collector(agent: Any = None, num_envs: int = 4, **kwargs: Any) -> RolloutCollector:
     return RolloutCollector(
-        ENV, None, agent or BlackjackAgent(), num_envs=num_envs, max_new_tokens=4, **kwargs
+        ENV,
+        None,
+        agent or BlackjackAgent(),
+        num_envs=num_envs,
+        style=GenerateStyle(max_new_tokens=4),
+        **kwargs,
     )
 
 

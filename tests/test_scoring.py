@@ -13,28 +13,26 @@ import torch
 from model_helpers import FAMILIES, SYSTEM, build_family_model
 from transformers import PreTrainedTokenizerBase
 
+from llamagym_pl.actions import ScoreStyle
+from llamagym_pl.actions.candidates import (
+    candidate_batch,
+    candidate_minibatch,
+    prompt_logits,
+    turn_distribution,
+)
+from llamagym_pl.actions.scoring import candidate_forward, candidate_logprob_sums, shared_prefix_length
 from llamagym_pl.agent import Agent
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.buffer import build_buffer
-from llamagym_pl.chat import build_messages, encode_episode, render
+from llamagym_pl.chat import build_messages, render
 from llamagym_pl.fit import build_cli
 from llamagym_pl.loading import build_policy, load_tokenizer
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.score_buffer import build_score_buffer, score_minibatch
-from llamagym_pl.score_update import score_candidates, score_ppo_loss
-from llamagym_pl.scoring import (
-    candidate_batch,
-    candidate_forward,
-    candidate_logprob_sums,
-    encode_candidates,
-    prompt_logits,
-    shared_prefix_length,
-    turn_distribution,
-)
-from llamagym_pl.scoring_rollout import ScoringCollector
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.spans import encode_candidates, encode_episode
 from llamagym_pl.tb import read_scalars
 from llamagym_pl.tiny_model import CACHE_ENV
-from llamagym_pl.update import score_rollout
+from llamagym_pl.update import minibatch_loss, prepare_rollout
 
 ENV, KWARGS = "Blackjack-v1", {"natural": False, "sab": False}
 OBS = ["your sum is 14 . the dealer shows 10 .", "your sum is 19 ."]
@@ -190,7 +188,7 @@ def test_prompt_is_encoded_once_per_step(tiny_policy: PolicyWithValueHead, tiny_
         # tokens on the cache: 3 calls.
         assert shapes == [(1, shared), (2, prompt_len - shared), (5, longest - 1)]
         shapes.clear()
-        collector = ScoringCollector(ENV, KWARGS, BlackjackAgent(), 4, 4)
+        collector = scoring_collector(ENV, KWARGS, BlackjackAgent(), 4)
         collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1)
         # Each step: the system prompt, the B observations, then B x 2 candidates' end of turn.
         # The first has all 4 envs; hands still running after it play on in smaller batches.
@@ -202,20 +200,32 @@ def test_prompt_is_encoded_once_per_step(tiny_policy: PolicyWithValueHead, tiny_
         hook.remove()
 
 
+def scoring_collector(env_id: str, env_kwargs, agent: Agent, num_envs: int, **style: Any) -> RolloutCollector:
+    return RolloutCollector(env_id, env_kwargs, agent, num_envs, ScoreStyle(agent, **style))
+
+
 def collect(policy, tokenizer, greedy: bool, seed: int = 0, normalization: str = "token"):
-    collector = ScoringCollector(ENV, KWARGS, BlackjackAgent(), 8, 4, normalization=normalization)
+    collector = scoring_collector(ENV, KWARGS, BlackjackAgent(), 8, normalization=normalization)
     return collector.collect(policy, tokenizer, seed=seed, epoch=0, steps_per_env=4, greedy=greedy).episodes
+
+
+def encoded_turns(tokenizer, episodes, normalization: str):
+    """The rollout buffer of ``episodes`` with their candidate turns, and the score style."""
+    style = ScoreStyle(BlackjackAgent(), normalization)
+    buf = build_buffer(tokenizer, episodes)
+    style.encode(tokenizer, episodes, buf)
+    return buf, style
 
 
 def test_greedy_is_argmax_and_sampling_is_seeded(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
     episodes = collect(tiny_policy, tiny_tokenizer, greedy=True, normalization="sum")
-    buf = build_score_buffer(tiny_tokenizer, episodes, build_buffer(tiny_tokenizer, episodes), "sum")
-    batch = score_minibatch(buf, list(range(len(buf))))
+    buf, _ = encoded_turns(tiny_tokenizer, episodes, "sum")
+    batch = candidate_minibatch(buf, list(range(len(buf.actions))))
     with torch.no_grad():
         logits = turn_distribution(batch, candidate_forward(tiny_policy.eval(), batch)[0], "sum")  # (N, 2)
     margin = (logits[:, 0] - logits[:, 1]).abs()
     assert (margin > 1e-4).all(), "near-ties make argmax ambiguous under float noise"
-    torch.testing.assert_close(buf.chosen, logits.argmax(-1), rtol=0, atol=0)
+    torch.testing.assert_close(buf.actions.chosen, logits.argmax(-1), rtol=0, atol=0)
     for ep in episodes:  # the chosen name is the reply and plays its index
         assert ep.responses == [c[k] for c, k in zip(ep.candidates, ep.chosen, strict=True)]
         assert not any(ep.invalid)
@@ -227,19 +237,18 @@ def test_greedy_is_argmax_and_sampling_is_seeded(tiny_policy: PolicyWithValueHea
 def test_ppo_at_ratio_one(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
     policy = tiny_policy.eval()
     episodes = collect(policy, tiny_tokenizer, greedy=False)
-    ep_buf = build_buffer(tiny_tokenizer, episodes)
-    buf = build_score_buffer(tiny_tokenizer, episodes, ep_buf, "word")
-    score_candidates(policy, buf, batch_size=5)  # several forward chunks
-    score_rollout(policy, ep_buf, gamma=1.0, gae_lambda=0.95, batch_size=64, norm_adv=False)
+    buf, style = encoded_turns(tiny_tokenizer, episodes, "word")
+    prepare_rollout(policy, buf, style, gamma=1.0, gae_lambda=0.95, batch_size=5, norm_adv=False)  # chunks
+    turns = buf.actions
     # The chosen log-prob of a few turns, by hand.
-    for n in (0, 3, len(buf) - 1):
-        e, t = int(buf.turn_episode[n]), int(buf.turn_step[n])
+    for n in (0, 3, len(turns) - 1):
+        e, t = int(turns.turn_episode[n]), int(turns.turn_step[n])
         ep = episodes[e]
         conv = build_messages(tiny_tokenizer, ep.system_prompt, ep.observations[: t + 1], ep.responses[:t])
         probs = direct_distribution(policy, tiny_tokenizer, conv, ep.candidates[t], "word")
         assert math.isclose(float(buf.old_logprobs[n]), math.log(probs[ep.chosen[t]]), abs_tol=1e-5)
-    batch = score_minibatch(buf, list(range(len(buf))))
-    loss, metrics = score_ppo_loss(policy, batch, "word", 0.2, True, 0.5, 0.0)
+    batch = candidate_minibatch(buf, list(range(len(turns))))
+    loss, metrics = minibatch_loss(style, policy, batch, 0.2, True, 0.5, 0.0)
     torch.testing.assert_close(metrics["train/policy_loss"], -batch["advantages"].mean(), rtol=0, atol=1e-5)
     assert float(metrics["train/approx_kl"]) < 1e-8 and float(metrics["train/clipfrac"]) == 0.0
     # Values from the turn rows equal those read from the episode sequences.
@@ -282,7 +291,7 @@ class CommandAgent(Agent):
 def test_candidates_from_env_info(tiny_policy: PolicyWithValueHead, tiny_tokenizer) -> None:
     gym.register("ScoringCommands-v0", entry_point=Commands)
     try:
-        collector = ScoringCollector("ScoringCommands-v0", None, CommandAgent(), 3, 4)
+        collector = scoring_collector("ScoringCommands-v0", None, CommandAgent(), 3)
         episodes = collector.collect(
             tiny_policy, tiny_tokenizer, seed=0, epoch=0, episodes_per_env=2
         ).episodes
@@ -301,15 +310,15 @@ def test_candidate_errors_are_specific() -> None:
     with pytest.raises(ValueError, match="no candidate actions"):
         CommandAgent().candidate_actions(0, {})
     with pytest.raises(ValueError, match="no candidate actions"):  # when built, not mid-rollout
-        ScoringCollector(ENV, KWARGS, CommandAgent(), 1, 4)
+        scoring_collector(ENV, KWARGS, CommandAgent(), 1)
 
     class Wrong(BlackjackAgent):
         action_names = ["stick", "hit", "double"]
 
     with pytest.raises(ValueError, match="names 3 actions"):
-        ScoringCollector(ENV, KWARGS, Wrong(), 1, 4)
+        scoring_collector(ENV, KWARGS, Wrong(), 1)
     with pytest.raises(ValueError, match="score_normalization"):
-        ScoringCollector(ENV, KWARGS, BlackjackAgent(), 1, 4, normalization="mean")
+        scoring_collector(ENV, KWARGS, BlackjackAgent(), 1, normalization="mean")
 
 
 def test_fit_in_score_mode(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

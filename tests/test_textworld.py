@@ -22,8 +22,8 @@ from llamagym_pl.agents.textworld import TextWorldAgent  # noqa: E402
 from llamagym_pl.envs import TEXTWORLD_ID  # noqa: E402
 from llamagym_pl.envs.textworld import META_REPLY, is_meta_command, make_game  # noqa: E402
 from llamagym_pl.envs.textworld_words import WORDS  # noqa: E402
+from llamagym_pl.episode import sample_space  # noqa: E402
 from llamagym_pl.fit import build_cli  # noqa: E402
-from llamagym_pl.rollout import _sample_space  # noqa: E402
 from llamagym_pl.tb import read_scalars  # noqa: E402
 from llamagym_pl.tiny_model import CACHE_ENV, resolve_model_path, tiny_vocab  # noqa: E402
 
@@ -146,7 +146,7 @@ def test_action_space_samples_game_commands(env: gym.Env) -> None:
     assert set(first) <= set(space.commands)
     assert not space.contains("") and not space.contains("go north\nquit")
     # The rollout's random fallback for an invalid reply plays one of the game's commands.
-    assert _sample_space(space, np.random.default_rng(0)) in space.commands
+    assert sample_space(space, np.random.default_rng(0)) in space.commands
 
 
 def test_agent_strips_banner_prompt_and_whitespace(env: gym.Env) -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from llamagym_pl import tiny_model
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.chat import unknown_words
 from llamagym_pl.rollout import RolloutCollector
@@ -160,7 +161,7 @@ def test_words_the_tiny_vocabulary_lacks_are_named_once(
     tiny_policy, tiny_tokenizer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue #13: a word-level vocabulary silently read a user's unknown words as <unk>."""
-    collector = RolloutCollector("Blackjack-v1", None, GuessAgent(), num_envs=2, max_new_tokens=1)
+    collector = RolloutCollector("Blackjack-v1", None, GuessAgent(), num_envs=2, style=GenerateStyle(1))
     with caplog.at_level(logging.WARNING, logger="llamagym_pl.chat"):
         collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=2)
         collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=1, steps_per_env=2)
@@ -170,7 +171,7 @@ def test_words_the_tiny_vocabulary_lacks_are_named_once(
     caplog.clear()
     # The fix it names works: a tiny model built with those words reads them.
     with caplog.at_level(logging.WARNING, logger="llamagym_pl.chat"):
-        RolloutCollector("Blackjack-v1", None, BlackjackAgent(), num_envs=2, max_new_tokens=1).collect(
+        RolloutCollector("Blackjack-v1", None, BlackjackAgent(), num_envs=2, style=GenerateStyle(1)).collect(
             tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=2
         )
     assert not [r for r in caplog.records if "cannot tell them apart" in r.getMessage()]

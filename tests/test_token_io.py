@@ -21,10 +21,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from llamagym_pl import Agent, ppo
 from llamagym_pl import imperative as imperative_module
+from llamagym_pl.actions import GenerateStyle
+from llamagym_pl.actions.generate import cut_at_eos
 from llamagym_pl.buffer import RolloutBuffer, build_buffer
 from llamagym_pl.loading import build_policy, load_tokenizer
-from llamagym_pl.rollout import RolloutCollector, cut_at_eos
-from llamagym_pl.update import score_rollout
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.update import prepare_rollout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -138,7 +140,9 @@ def test_rollout_trains_the_sampled_tokens(model: str, tiny_model_dir: Path, bpe
     tokenizer, policy = load_tokenizer(path), build_policy(path)
     sampled = spy_generate(policy.lm, tokenizer.eos_token_id)
     # Two new tokens: many replies are cut before their end of turn.
-    collector = RolloutCollector(CORRIDOR, None, WordAgent(), num_envs=3, max_new_tokens=2)
+    collector = RolloutCollector(
+        CORRIDOR, None, WordAgent(), num_envs=3, style=GenerateStyle(max_new_tokens=2)
+    )
     stats = collector.collect(policy, tokenizer, seed=0, epoch=0, steps_per_env=4)
     # The collector plays active envs in order, one batched generate per turn.
     order = iter(sampled)
@@ -163,7 +167,7 @@ def test_rollout_trains_the_sampled_tokens(model: str, tiny_model_dir: Path, bpe
         else:
             pytest.fail("every sampled reply re-encoded to its own ids")
     # The log-probs PPO scores are those of the sampled tokens on their own prompts.
-    score_rollout(policy, buf, gamma=1.0, gae_lambda=0.95, batch_size=4)
+    prepare_rollout(policy, buf, collector.style, gamma=1.0, gae_lambda=0.95, batch_size=4)
     with torch.no_grad():
         for e, ep in enumerate(stats.episodes):
             for t in range(ep.num_turns):

@@ -1,4 +1,4 @@
-"""`update.score_rollout`: format penalties stay on their own turn; returns are env returns."""
+"""`update.prepare_rollout`: format penalties stay on their own turn; returns are env returns."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llamagym_pl import ppo
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.buffer import build_buffer
+from llamagym_pl.episode import Episode
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import Episode
-from llamagym_pl.update import score_rollout
+from llamagym_pl.update import prepare_rollout
 
 
 def test_penalty_is_added_to_its_turn_advantage_only(
@@ -29,7 +30,7 @@ def test_penalty_is_added_to_its_turn_advantage_only(
     clean = Episode(**{**ep.__dict__, "penalties": [0.0, 0.0]})
     with_penalty, without = build_buffer(tiny_tokenizer, [ep]), build_buffer(tiny_tokenizer, [clean])
     for buf in (with_penalty, without):
-        score_rollout(tiny_policy, buf, gamma=1.0, gae_lambda=1.0, batch_size=4)
+        prepare_rollout(tiny_policy, buf, GenerateStyle(), gamma=1.0, gae_lambda=1.0, batch_size=4)
 
     # Hand values: with lambda = gamma = 1, A_t = G_t - V_t on env rewards, G = [1, 1].
     v = without.old_values[0]

@@ -12,12 +12,14 @@ import pytest
 from run_args import tiny_run_args
 from transformers import PreTrainedTokenizerBase
 
+from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.datamodule import RolloutDataModule
 from llamagym_pl.fit import build_cli, main
 from llamagym_pl.guards import DEBUG_ENV, ConfigError
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.rollout import RolloutCollector, rollout_metrics
+from llamagym_pl.rollout import RolloutCollector
+from llamagym_pl.stats import rollout_metrics
 from llamagym_pl.tb import read_scalars
 
 TURNS = "LlamaGymTest/Turns-v0"
@@ -73,14 +75,14 @@ def test_a_small_budget_trains_on_every_turn_of_50_turn_episodes(
     )  # fmt: skip
     cli = build_cli(args=args)
     data = cli.datamodule
-    episodes, stats = data.last_stats.episodes, data.last_stats
+    episodes, stats = data.rollout.stats.episodes, data.rollout.stats
     assert [ep.num_turns for ep in episodes] == [50, 50]
     assert all(ep.terminated for ep in episodes)
     assert stats.env_steps == 100  # the rule: 4 turns started, the running episode finished
     for ep in episodes:
         assert [turn_of(obs) for obs in ep.observations] == list(range(50))
     # The reply to turn 49's observation is trained on: action tokens of turn 49 in a trained row.
-    buf = data.buffer
+    buf = data.rollout.buffer
     trained = buf.turn_index[: buf.num_train_rows]
     assert int(trained.max()) == 49 and buf.turn_mask.sum(1).tolist() == [50, 50]
     scalars = read_scalars(cli.trainer.logger.log_dir)
@@ -93,7 +95,7 @@ def collector(length: int | None, num_envs: int = 2, **kwargs: Any) -> RolloutCo
     """Plays :class:`Turns` episodes; prompts hold one observation (a budget of 40 tokens), so
     long episodes stay short for the tiny model."""
     kwargs = {"max_prompt_tokens": 40, **kwargs}
-    return RolloutCollector(TURNS, {"length": length}, BlackjackAgent(), num_envs, 1, **kwargs)
+    return RolloutCollector(TURNS, {"length": length}, BlackjackAgent(), num_envs, GenerateStyle(1), **kwargs)
 
 
 @pytest.mark.parametrize(("length", "steps", "turns"), [(3, 3, 3), (3, 4, 6), (3, 7, 9), (1, 2, 2)])

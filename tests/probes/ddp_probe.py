@@ -24,7 +24,7 @@ class RankProbe(Callback):
         self._checksums.append(float(total))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        stats = trainer.datamodule.last_stats
+        stats = trainer.datamodule.rollout.stats
         done = [ep for ep in stats.episodes if ep.done]
         self._write(
             trainer,

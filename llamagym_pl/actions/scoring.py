@@ -11,152 +11,27 @@ TWOSOME normalizes by length so that long commands are not penalized for their l
 Log-probs come from the log-softmax (:func:`llamagym_pl.ppo.token_logprobs`): lamorel summed raw
 logits, which are no log-likelihood (a constant shift per position changes them, not p).
 
-A candidate's tokens are located as :func:`llamagym_pl.chat.encode_episodes` locates a reply: the
+A candidate's tokens are located as a reply is (:func:`llamagym_pl.spans.encode_candidates`): the
 conversation rendered with the candidate as the assistant's reply, minus the generation prompt,
 end-of-turn token included. The chosen candidate is the turn's reply, so episodes, values and GAE
 are exactly those of generated replies; only the action probability differs (one per turn).
 
-Layout of N turns and their R candidate rows (row ``r`` is candidate ``row_slot[r]`` of turn
-``row_turn[r]``): scores are (R,), candidate distributions (N, C) with ``-inf`` past a turn's
-candidates, C the most candidates of any turn.
+This module is the forward pass that scores candidates (each prompt encoded once, its candidates
+on its KV cache); the distributions and the layout are in :mod:`llamagym_pl.actions.candidates`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache
 
 from llamagym_pl import ppo
-from llamagym_pl.chat import Message, encode_texts, render_batch
-
-ScoreNormalization = Literal["token", "word", "sum"]
-
-
-@dataclass
-class EncodedCandidates:
-    """A generation prompt's token ids and, per candidate, its reply tokens (end of turn included)."""
-
-    prompt_ids: list[int]
-    candidate_ids: list[list[int]]
-
-
-def encode_candidates(
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[Sequence[Message]],
-    candidates: Sequence[Sequence[str]],
-) -> list[EncodedCandidates]:
-    """Tokenize each conversation's generation prompt and locate each candidate reply after it.
-
-    ``conversations[b]`` ends with a user message; ``candidates[b]`` are its candidate replies.
-
-    Raises:
-        ValueError: if a candidate's rendering does not extend its prompt's tokens by a non-empty
-            span (the chat template is not prefix-stable).
-    """
-    if len(conversations) != len(candidates):
-        raise ValueError(f"{len(conversations)} conversations but {len(candidates)} candidate lists")
-    replies = [
-        [*conv, {"role": "assistant", "content": c}]
-        for conv, cs in zip(conversations, candidates, strict=True)
-        for c in cs
-    ]
-    prompts = render_batch(tokenizer, conversations, add_generation_prompt=True)
-    done = render_batch(tokenizer, replies, add_generation_prompt=False)
-    # As in encode_episodes: the reply without the whitespace the template writes after its
-    # end-of-turn token, unless stripping it changes how the reply itself tokenizes.
-    ids = encode_texts(tokenizer, prompts + [d.rstrip() for d in done] + done)
-    n, r = len(prompts), len(done)
-    prompt_ids, stripped, whole = ids[:n], ids[n : n + r], ids[n + r :]
-    out, row = [], 0
-    for b, cands in enumerate(candidates):
-        prompt, spans = prompt_ids[b], []
-        for c in cands:
-            reply = stripped[row] if whole[row][: len(stripped[row])] == stripped[row] else whole[row]
-            row += 1
-            if reply[: len(prompt)] != prompt or len(reply) <= len(prompt):
-                raise ValueError(
-                    f"the chat template of {tokenizer.name_or_path!r} is not prefix-stable: the candidate "
-                    f"{c!r} does not render as a non-empty reply after its generation prompt"
-                )
-            spans.append(reply[len(prompt) :])
-        out.append(EncodedCandidates(prompt, spans))
-    return out
-
-
-def word_count(text: str) -> int:
-    """Words of a candidate (whitespace separated, at least 1): TWOSOME's word normalization."""
-    return max(len(text.split()), 1)
-
-
-def normalize_scores(
-    logprob_sums: Tensor, num_tokens: Tensor, num_words: Tensor, normalization: ScoreNormalization
-) -> Tensor:
-    """A candidate's score from its summed token log-probs. All (R,) -> (R,) float32."""
-    sums = logprob_sums.float()
-    if normalization == "sum":
-        return sums
-    if normalization == "token":
-        return sums / num_tokens.to(sums)
-    if normalization == "word":
-        return sums / num_words.to(sums)
-    raise ValueError(f"score_normalization={normalization!r} is not one of token, word, sum")
-
-
-def candidate_logits(scores: Tensor, row_turn: Tensor, row_slot: Tensor, num_turns: int) -> Tensor:
-    """Scatter (R,) candidate scores into (N, C) logits, ``-inf`` where a turn has no candidate.
-
-    ``log_softmax(., -1)`` of the result is each turn's candidate distribution, and
-    :func:`llamagym_pl.ppo.entropy_from_logits` its entropy.
-    """
-    num_slots = int(row_slot.max()) + 1 if row_slot.numel() else 1
-    logits = scores.new_full((num_turns, num_slots), float("-inf"))  # (N, C)
-    return logits.index_put((row_turn, row_slot), scores)  # out of place: keeps the graph
-
-
-def prompt_logits(
-    sums: Tensor,
-    encoded: Sequence[EncodedCandidates],
-    candidates: Sequence[Sequence[str]],
-    normalization: ScoreNormalization,
-) -> Tensor:
-    """(B, C) candidate logits of B prompts from their candidates' (R,) log-prob sums."""
-    num_tokens = torch.tensor([len(c) for e in encoded for c in e.candidate_ids])
-    num_words = torch.tensor([word_count(c) for cands in candidates for c in cands])
-    scores = normalize_scores(sums, num_tokens, num_words, normalization)
-    return candidate_logits(scores, *row_layout([len(c) for c in candidates]), len(candidates))
-
-
-def row_layout(num_candidates: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """``(row_turn, row_slot)`` (R,) for turns with ``num_candidates`` candidates each."""
-    counts = torch.as_tensor(list(num_candidates), dtype=torch.long)
-    row_turn = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (R,)
-    first = torch.cumsum(counts, 0) - counts  # (N,) first row of each turn
-    return row_turn, torch.arange(len(row_turn)) - first[row_turn]
-
-
-def candidate_batch(encoded: Sequence[EncodedCandidates], pad_token_id: int) -> dict[str, Tensor]:
-    """The shared-prompt layout of B prompts and their R candidates (see :func:`candidate_forward`).
-
-    ``prompt_ids``/``prompt_mask`` (B, P) left padded; ``candidate_ids``/``candidate_mask``
-    (R, K) right padded; ``row_turn`` (R,) the prompt of each candidate row.
-    """
-    prompts = [e.prompt_ids for e in encoded]
-    cands = [c for e in encoded for c in e.candidate_ids]
-    p, k = max(len(x) for x in prompts), max(len(c) for c in cands)
-    return {
-        "prompt_ids": torch.tensor([[pad_token_id] * (p - len(x)) + x for x in prompts]),
-        "prompt_mask": torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompts]),
-        "candidate_ids": torch.tensor([c + [pad_token_id] * (k - len(c)) for c in cands]),
-        "candidate_mask": torch.tensor([[True] * len(c) + [False] * (k - len(c)) for c in cands]),
-        "row_turn": row_layout([len(e.candidate_ids) for e in encoded])[0],
-    }
+from llamagym_pl.actions.candidates import candidate_batch
+from llamagym_pl.policy import lm_call_names
+from llamagym_pl.spans import EncodedCandidates
 
 
 @torch.no_grad()
@@ -207,7 +82,7 @@ def shared_prefix_length(ids: Tensor, mask: Tensor) -> int:
 def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     ids, mask, row_turn = batch["prompt_ids"], batch["prompt_mask"], batch["row_turn"]  # (N, P), (R,)
     cands, cand_mask = batch["candidate_ids"], batch["candidate_mask"]  # (R, K)
-    cache_kw, keep_kw = _lm_kwargs(policy.lm)
+    cache_kw, keep_kw = lm_call_names(policy.lm)
     last_only = {keep_kw: 1} if keep_kw else {}
     cache = DynamicCache()
     n, p = ids.shape
@@ -260,7 +135,7 @@ def _row_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     length, k = prompts.shape[1], cands.shape[1]
     ids = torch.cat([prompts[row_turn], cands], 1)  # (R, P + K): [pad.. prompt, candidate, ..pad]
     mask = torch.cat([batch["prompt_mask"][row_turn], cand_mask.long()], 1)
-    _, keep_kw = _lm_kwargs(policy.lm)
+    _, keep_kw = lm_call_names(policy.lm)
     out = policy.lm(
         input_ids=ids,
         attention_mask=mask,
@@ -283,23 +158,3 @@ def _checkpointing(lm) -> bool:
         if hasattr(type(lm), name) or hasattr(lm, name):
             return bool(getattr(lm, name))
     return False
-
-
-@functools.cache
-def _forward_parameters(lm_type: type) -> frozenset[str]:
-    return frozenset(inspect.signature(lm_type.forward).parameters)
-
-
-def _lm_kwargs(lm) -> tuple[str, str | None]:
-    """The names of the KV-cache and keep-last-logits arguments of this transformers version:
-    ``cache`` and ``logits_to_keep`` now; ``past_key_values`` and ``num_logits_to_keep`` before."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # through a peft wrapper
-    params = _forward_parameters(type(base))
-    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-    return ("cache" if "cache" in params else "past_key_values"), keep
-
-
-def turn_distribution(batch: dict[str, Tensor], sums: Tensor, normalization: ScoreNormalization) -> Tensor:
-    """(N, C) candidate logits of the batch's turns from their rows' log-prob sums (R,)."""
-    scores = normalize_scores(sums, batch["num_tokens"], batch["num_words"], normalization)
-    return candidate_logits(scores, batch["row_turn"], batch["row_slot"], batch["chosen"].shape[0])

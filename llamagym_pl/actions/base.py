@@ -1,0 +1,140 @@
+"""The seam between the two policy styles: how an action's log-probability is computed.
+
+A generated reply is many actions, its tokens, each with its log-prob under the LM's softmax; a
+scored reply is one action, a candidate chosen from the softmax over the candidates' scores.
+Everything at turn level is common: values (read from the episode rows' hidden states, at the
+end of each turn's prompt), GAE, penalties, the KL penalty as a per-turn reward, invalid actions
+(:mod:`llamagym_pl.update`, :mod:`llamagym_pl.episode`). A style only says how it replies, what it
+trains on and how it scores its actions, old (no grad, once per rollout) and new (in the loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import gymnasium as gym
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from llamagym_pl.buffer import RolloutBuffer
+from llamagym_pl.chat import Message
+from llamagym_pl.episode import Episode, Reply
+from llamagym_pl.kl import ReferencePolicy
+from llamagym_pl.policy import PolicyWithValueHead
+from llamagym_pl.stats import RolloutStats
+
+Policy = PolicyWithValueHead
+State = tuple[Any, dict[str, Any]]
+"""An env's latest ``(observation, info)``: the state a reply acts in (candidates may depend on it)."""
+Prompt = list[Message]
+"""A conversation ending with a user message: what the policy replies to."""
+Reference = ReferencePolicy | None
+"""The initial policy, for the KL penalty (None: no penalty)."""
+
+
+class ActionTerms(NamedTuple):
+    """A minibatch's actions, aligned: what the PPO objective needs from the style.
+
+    ``logprobs``/``old_logprobs``/``advantages``/``entropy`` are (N,) over its N actions (tokens
+    of generated replies, or turns of scored ones); ``values`` are the new turn values, shaped
+    as the batch's ``old_values``.
+    """
+
+    logprobs: Tensor
+    old_logprobs: Tensor
+    advantages: Tensor
+    entropy: Tensor
+    values: Tensor
+
+
+class Prepared(NamedTuple):
+    """What a style's no-grad pass over a rollout returns (it also fills ``buf.old_logprobs``)."""
+
+    values: Tensor  # (R, L) the value at every position of every episode row
+    kl: Tensor | None  # (E, T) each turn's KL penalty to the reference policy (None: no reference)
+    metrics: dict[str, float]
+
+
+class ActionStyle(Protocol):
+    """How a policy chooses and scores its actions (``data.policy``: ``generate`` or ``score``)."""
+
+    temperature: float  # replies are sampled from softmax(. / temperature), and scored under it
+
+    def check(self, env: gym.Env) -> None:
+        """Fail before any rollout if this style cannot play ``env`` (a one-line config error)."""
+
+    def reply(
+        self, policy: Policy, tokenizer: Any, prompts: Sequence[Prompt], states: Sequence[State], greedy: bool
+    ) -> list[Reply]:
+        """Choose an action for each of a batch of prompts (each ending with a user message)."""
+
+    def encode(self, tokenizer: Any, episodes: Sequence[Episode], buf: RolloutBuffer) -> None:
+        """Add to ``buf`` what this style trains on beyond the episode rows (``buf.actions``, whose
+        ``lengths`` are then ``buf.train_lengths``: the units minibatches are drawn from)."""
+
+    def minibatch(self, buf: RolloutBuffer, index: Sequence[int]) -> dict[str, Tensor]:
+        """The tensors of training units ``index`` (rows, or turns)."""
+
+    def prepare(self, policy: Policy, buf: RolloutBuffer, batch_size: int, reference: Reference) -> Prepared:
+        """No grad, eval mode: the old log-probs of every action (into ``buf.old_logprobs``), the
+        values of every row position (:func:`read_rows`) and, with a reference, each turn's KL."""
+
+    def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
+        """With grad: the minibatch's new log-probs and entropies, aligned with its old ones."""
+
+
+LogitsReader = Callable[[slice, Tensor, Tensor, Tensor], None]
+"""Receives ``(rows, input_ids, attention_mask, logits)`` of each chunk of rows :func:`read_rows` runs."""
+
+
+def read_rows(
+    policy: Policy, buf: RolloutBuffer, batch_size: int, on_logits: LogitsReader | None = None
+) -> Tensor:
+    """The value at every position of every episode row, (R, L), one forward per ``batch_size`` rows.
+
+    A style that reads its log-probs off the rows' logits passes ``on_logits``; without it the LM
+    computes the logits of each row's last position only: a value needs the hidden states alone.
+    """
+    device = next(policy.parameters()).device
+    values = torch.zeros(buf.input_ids.shape)
+    for start in range(0, len(buf), batch_size):
+        rows = slice(start, start + batch_size)
+        length = int(buf.lengths[rows].max())
+        ids = buf.input_ids[rows, :length].to(device)
+        mask = buf.attention_mask[rows, :length].to(device)
+        logits, v = policy(ids, mask, all_logits=on_logits is not None)  # (B, L, V), (B, L)
+        values[rows, :length] = v.float().cpu()
+        if on_logits is not None:
+            on_logits(rows, ids, mask, logits)
+    return values
+
+
+class RolloutDataset(Dataset):
+    """Index access to a prepared buffer: an item is a whole minibatch of the style's training units
+    (rows or turns), as :class:`MinibatchSampler` draws their indices."""
+
+    def __init__(self, buffer: RolloutBuffer, style: ActionStyle) -> None:
+        self.buffer = buffer
+        self.style = style
+
+    def __len__(self) -> int:
+        return len(self.buffer.train_lengths)
+
+    def __getitem__(self, index: list[int]) -> dict[str, Tensor]:
+        if not self.buffer.prepared:
+            raise RuntimeError("the rollout buffer must be prepared (old log-probs, advantages) first")
+        return self.style.minibatch(self.buffer, index)
+
+
+@dataclass
+class Rollout:
+    """One epoch's rollout as the module receives it from the DataModule: the one interface
+    between the two (the module prepares it and trains on it)."""
+
+    stats: RolloutStats  # the episodes played, and how
+    buffer: RolloutBuffer  # their tensors, prepared by the module
+    style: ActionStyle  # how their actions were chosen, and how their log-probs are computed
+    transcripts: list[str] = field(default_factory=list)  # a few conversations to log as text
