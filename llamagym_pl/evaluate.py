@@ -18,13 +18,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
-from llamagym_pl.fit import SETUP_ERRORS, build_cli
+from llamagym_pl.fit import SETUP_ERRORS, LlamaGymCLI, build_cli
 from llamagym_pl.guards import ConfigError, check_checkpoint_fits, one_line_errors
+
+DEFAULT_EPISODES = 20_000
+
+
+class EvaluateCLI(LlamaGymCLI):
+    """The training CLI (same config file and flags) plus evaluation's own two flags."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        episodes = "Greedy evaluation episodes (rounded up to a multiple of data.eval_num_envs)."
+        parser.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=episodes)
+        out = "Where to write the JSON results (default: eval.json beside the checkpoint)."
+        parser.add_argument("--out", type=str | None, default=None, help=out)
 
 
 def load_weights(module, ckpt_path: str) -> None:
@@ -56,22 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate(argv: list[str] | None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    episodes, out = 20_000, None
-    for flag in ("--episodes", "--out"):
-        if flag in argv:
-            i = argv.index(flag)
-            value = argv[i + 1]
-            del argv[i : i + 2]
-            if flag == "--episodes":
-                episodes = int(value)
-            else:
-                out = value
-    with warnings.catch_warnings():
-        # LightningCLI warns when given args while sys.argv has some: ours are sys.argv, minus
-        # the two flags above.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = build_cli(args=argv, run_fit=False)
+    cli = build_cli(args=argv, run_fit=False, cli_class=EvaluateCLI)
+    episodes, out = cli.config.get("episodes"), cli.config.get("out")
     ckpt_path = cli.config.get("ckpt_path")
     if not ckpt_path:
         raise SystemExit("evaluate needs --ckpt_path PATH (a checkpoint written by llamagym_pl.fit)")

@@ -77,9 +77,10 @@ class LlamaGymCLI(LightningCLI):
             torch.set_num_threads(threads)
 
 
-def build_cli(args=None, run_fit: bool = True) -> LlamaGymCLI:
-    """Parse the config (``args`` as a list or dict for tests) and optionally run ``fit``."""
-    cli = LlamaGymCLI(
+def build_cli(args=None, run_fit: bool = True, cli_class: type[LlamaGymCLI] = LlamaGymCLI) -> LlamaGymCLI:
+    """Parse the config (``args`` as a list or dict for tests) and optionally run ``fit``;
+    ``cli_class`` may add arguments of its own (see :mod:`llamagym_pl.evaluate`)."""
+    cli = cli_class(
         PPOModule,
         RolloutDataModule,
         run=False,
