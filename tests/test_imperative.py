@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llamagym_pl.imperative as imperative
-from llamagym_pl import Agent
+from llamagym_pl import Agent, ppo
 from llamagym_pl.imperative_setup import ImperativeConfig, generation_kwargs
 from llamagym_pl.policy import PolicyWithValueHead
 
@@ -357,3 +357,111 @@ def test_truncated_sampling_is_refused_for_training(key: str, value: float, tiny
     with pytest.raises(ValueError, match=message):
         agent.train()
     assert not agent.training
+
+
+def play_updates(agent: Agent, updates: int, batch_size: int) -> list[dict[str, float]]:
+    """Blackjack episodes (env seeds 0, 1, ...) until ``updates`` PPO updates ran; their stats."""
+    env, stats, seed = gym.make("Blackjack-v1"), [], 0
+    while len(stats) < updates:
+        result = play(agent, env, seed)
+        seed += 1
+        assert bool(result) == (seed % batch_size == 0)
+        if result:
+            stats.append(result)
+    return stats
+
+
+def test_score_mode_replies_are_candidates_and_train_at_ratio_one(tiny_model_dir: Path) -> None:
+    """``policy: score`` in the imperative loop: every reply is one of the agent's candidate actions
+    (Blackjack's action names), recorded with its tokens, and the update's only step (one minibatch,
+    one update epoch) sees ratio 1 under the candidate softmax."""
+    model, tokenizer = load(tiny_model_dir)
+    config = {"policy": "score", "batch_size": 2, "num_minibatches": 1, "update_epochs": 1, "seed": 0}
+    agent = BlackjackAgent(model, tokenizer, "cpu", {"temperature": 0.7}, config)
+    agent.action_names = ["stick", "hit"]  # the seed README's agent has none: the candidates
+    finished: list = []
+    original = agent.imperative.terminate_episode
+
+    def keep(*args: Any, **kwargs: Any) -> dict[str, float]:
+        finished.append(agent.imperative.episode)
+        return original(*args, **kwargs)
+
+    agent.imperative.terminate_episode = keep
+    (stats,) = play_updates(agent, 1, batch_size=2)
+    for ep in finished:
+        assert ep.candidates == [["stick", "hit"]] * ep.num_turns
+        assert ep.responses == [c[k] for c, k in zip(ep.candidates, ep.chosen, strict=True)]
+        assert ep.actions == ep.chosen and not any(ep.invalid)  # a name plays its index
+        assert ep.response_ids == [ids[k] for ids, k in zip(ep.candidate_ids, ep.chosen, strict=True)]
+    assert stats["train/approx_kl"] == 0.0 and stats["train/clipfrac"] == 0.0
+    assert 0 < stats["rollout/candidate_entropy"] <= math.log(2) + 1e-6
+    assert 0 < stats["train/entropy"] <= math.log(2) + 1e-6
+
+
+@pytest.mark.parametrize("policy", ["generate", "score"])
+def test_kl_coef_subtracts_the_kl_penalty_from_turn_rewards(
+    policy: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kl_coef`` in the imperative loop: each turn's reward enters GAE less ``kl_coef`` times the
+    style's per-turn KL to the initial policy (0 at the first update, not after)."""
+    coef, prepared = 0.5, []
+    real = imperative.prepare_rollout
+
+    def spy(policy_, buf, style, gamma, gae_lambda, batch_size, reference, kl_coef, **kwargs: Any):
+        _, kl, _ = style.prepare(policy_, buf, batch_size, reference)  # (E, T), as the real call's
+        metrics = real(policy_, buf, style, gamma, gae_lambda, batch_size, reference, kl_coef, **kwargs)
+        prepared.append((buf, kl, kl_coef, metrics))
+        return metrics
+
+    monkeypatch.setattr(imperative, "prepare_rollout", spy)
+    model, tokenizer = load(tiny_model_dir)
+    config = {"policy": policy, "batch_size": 2, "num_minibatches": 1, "seed": 0, "learning_rate": 1e-2}
+    config |= {"kl_coef": coef, "gamma": 1.0, "gae_lambda": 1.0, "norm_adv": False}
+    agent = BlackjackAgent(model, tokenizer, "cpu", {"max_new_tokens": 2}, config)
+    agent.action_names = ["stick", "hit"]
+    stats = play_updates(agent, 2, batch_size=2)
+    for (buf, kl, kl_coef, metrics), update in zip(prepared, stats, strict=True):
+        assert kl_coef == coef and update["train/kl_coef"] == coef
+        next_value = torch.zeros(len(buf.terminated))  # Blackjack terminates every episode
+        expected, _ = ppo.compute_gae(
+            buf.rewards - coef * kl, buf.old_values, buf.turn_mask, next_value, buf.terminated, 1.0, 1.0
+        )
+        torch.testing.assert_close(buf.advantages, expected, rtol=1e-5, atol=1e-6)
+        assert metrics["train/kl_ref"] == update["train/kl_ref"]
+    (_, first, _, _), (_, second, _, _) = prepared
+    assert first.abs().max() < 1e-6, "the policy is its reference until the first update"
+    assert second.abs().sum() > 1e-4 and stats[1]["train/kl_ref"] > 0
+
+
+def test_linear_lr_schedule_decays_over_total_updates(tiny_model_dir: Path) -> None:
+    model, tokenizer = load(tiny_model_dir)
+    config = {"batch_size": 1, "num_minibatches": 1, "update_epochs": 1, "learning_rate": 1e-3}
+    agent = BlackjackAgent(
+        model, tokenizer, "cpu", FAST_GENERATE, config | {"lr_schedule": "linear", "total_updates": 4}
+    )
+    rates = [s["train/learning_rate"] for s in play_updates(agent, 4, batch_size=1)]
+    assert rates == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4], rel=1e-6)
+    assert agent.imperative.optimizer.param_groups[0]["lr"] == 0.0  # after the 4th update
+    constant = BlackjackAgent(*load(tiny_model_dir), "cpu", FAST_GENERATE, config)
+    assert [s["train/learning_rate"] for s in play_updates(constant, 2, batch_size=1)] == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match=r"'linear' needs ppo_config_dict\['total_updates'\]"):
+        ImperativeConfig.from_dict({"lr_schedule": "linear"})
+
+
+def test_config_takes_the_lightning_modules_settings() -> None:
+    """``ppo_config_dict`` takes PPOModule's training hyperparameters and the rollout's settings by
+    their names, with their defaults (but the learning rate), and their range checks."""
+    import inspect
+
+    from llamagym_pl.module import PPOModule
+
+    config = ImperativeConfig.from_dict({"ent_coef": 0.02, "kl_coef": 0.1, "invalid_penalty": -1.0})
+    assert (config.ent_coef, config.kl_coef, config.invalid_penalty) == (0.02, 0.1, -1.0)
+    defaults = inspect.signature(PPOModule.__init__).parameters
+    for name in ("gamma", "gae_lambda", "clip_coef", "vf_coef", "update_epochs", "target_kl", "lr_schedule"):
+        assert getattr(config, name) == defaults[name].default, name
+    assert config.learning_rate == 1e-5 and config.policy == "generate"
+    with pytest.raises(ValueError, match=r"ppo_config_dict\['gamma'\]=1.5 is outside \[0.0, 1.0\]"):
+        ImperativeConfig.from_dict({"gamma": 1.5})
+    with pytest.raises(ValueError, match="unknown ppo_config_dict keys"):
+        ImperativeConfig.from_dict({"lora_r": 8})  # the user brings the model
