@@ -40,12 +40,11 @@ def prepare_rollout(
     """Fill ``buf`` with old log-probs, turn values, GAE and the policy loss's advantages: the one
     no-grad pass over a rollout, in eval mode (``batch_size`` rows, or turns, per forward).
 
-    The style computes its actions' old log-probs and every row position's value
-    (:meth:`~llamagym_pl.actions.ActionStyle.prepare`). The value of turn ``t`` of episode ``e``
-    is read at ``value_positions[e, t]`` (end of its prompt) of row ``value_rows[e, t]``; the
-    bootstrap value of a truncated episode at ``bootstrap_position[e]`` of row
-    ``bootstrap_row[e]``. GAE runs over each episode's turns, across its rows: a prompt that
-    dropped old turns does not cut the episode's return.
+    The style computes its actions' old log-probs and each turn's value, the value head at the
+    end of the turn's prompt, with the forward its loss uses
+    (:meth:`~llamagym_pl.actions.ActionStyle.prepare`); a truncated episode bootstraps from the
+    value of the prompt of its next state. GAE runs over each episode's turns, across its rows: a
+    prompt that dropped old turns does not cut the episode's return.
 
     KL to the initial policy: with a ``reference`` policy, each turn's reward enters GAE as
     ``r_t - kl_coef * kl_t`` with the style's per-turn KL (see :mod:`llamagym_pl.kl`;
@@ -58,11 +57,9 @@ def prepare_rollout(
     was_training = policy.training
     policy.eval()
     try:
-        values, kl, metrics = style.prepare(policy, buf, batch_size, reference)
+        buf.old_values, next_value, kl, metrics = style.prepare(policy, buf, batch_size, reference)
     finally:
         policy.train(was_training)
-    buf.old_values = values[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
-    next_value = values[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
     rewards = buf.rewards if kl is None else buf.rewards - kl_coef * kl
     advantages, buf.returns = ppo.compute_gae(
         rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda

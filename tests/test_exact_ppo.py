@@ -193,7 +193,7 @@ def test_score_mode_kl_comes_from_the_candidate_distributions(
             p.add_(0.05 * torch.randn_like(p))
     temperature = 0.5
     episodes, style, buf = scored_turns(policy, tiny_tokenizer, temperature)
-    _, kl, metrics = style.prepare(policy, buf, batch_size=64, reference=reference)
+    _, _, kl, metrics = style.prepare(policy, buf, batch_size=64, reference=reference)
     logp, _ = direct_logp(policy, buf, temperature)
     ref_logp, _ = direct_logp(initial, buf, temperature)
     turns = buf.actions

@@ -408,7 +408,7 @@ def test_kl_coef_subtracts_the_kl_penalty_from_turn_rewards(
     real = imperative.prepare_rollout
 
     def spy(policy_, buf, style, gamma, gae_lambda, batch_size, reference, kl_coef, **kwargs: Any):
-        _, kl, _ = style.prepare(policy_, buf, batch_size, reference)  # (E, T), as the real call's
+        kl = style.prepare(policy_, buf, batch_size, reference).kl  # (E, T), as the real call's
         metrics = real(policy_, buf, style, gamma, gae_lambda, batch_size, reference, kl_coef, **kwargs)
         prepared.append((buf, kl, kl_coef, metrics))
         return metrics

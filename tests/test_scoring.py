@@ -306,6 +306,41 @@ def test_candidates_from_env_info(tiny_policy: PolicyWithValueHead, tiny_tokeniz
         assert ep.env_return == sum(r == "go right" for r in ep.responses)
 
 
+def test_turn_values_come_from_the_scored_prompts_and_truncation_bootstraps(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer
+) -> None:
+    """Score mode prepares each turn's value with the candidate forward that scores its actions
+    (the value head at the prompt's last token, as the loss reads it); an episode cut by a time
+    limit bootstraps from the value of its next state's prompt."""
+    gym.register("ScoringCommands-v0", entry_point=Commands)
+    try:
+        agent = CommandAgent()
+        style = ScoreStyle(agent)
+        collector = RolloutCollector("ScoringCommands-v0", None, agent, 2, style, max_episode_steps=2)
+        episodes = collector.collect(
+            tiny_policy, tiny_tokenizer, seed=0, epoch=0, episodes_per_env=1
+        ).episodes
+    finally:
+        gym.registry.pop("ScoringCommands-v0")
+    assert all(ep.truncated and ep.num_turns == 2 for ep in episodes)
+    buf = build_buffer(tiny_tokenizer, episodes)
+    style.encode(tiny_tokenizer, episodes, buf)
+    prepare_rollout(tiny_policy, buf, style, gamma=1.0, gae_lambda=1.0, batch_size=3, norm_adv=False)
+
+    def value(ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(
+                tiny_policy.eval()(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[1][0, -1]
+            )
+
+    for e, ep in enumerate(episodes):
+        values = [value(ids) for ids in ep.prompt_ids[: ep.num_turns]]
+        torch.testing.assert_close(buf.old_values[e, :2], torch.tensor(values), rtol=0, atol=1e-5)
+        bootstrap = value(ep.prompt_ids[ep.num_turns])  # the next state's prompt
+        togo = [sum(ep.rewards[t:]) + bootstrap - values[t] for t in range(2)]  # gamma = lambda = 1
+        torch.testing.assert_close(buf.advantages[e, :2], torch.tensor(togo), rtol=0, atol=1e-5)
+
+
 def test_candidate_errors_are_specific() -> None:
     with pytest.raises(ValueError, match="no candidate actions"):
         CommandAgent().candidate_actions(0, {})

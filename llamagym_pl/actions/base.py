@@ -2,10 +2,11 @@
 
 A generated reply is many actions, its tokens, each with its log-prob under the LM's softmax; a
 scored reply is one action, a candidate chosen from the softmax over the candidates' scores.
-Everything at turn level is common: values (read from the episode rows' hidden states, at the
-end of each turn's prompt), GAE, penalties, the KL penalty as a per-turn reward, invalid actions
-(:mod:`llamagym_pl.update`, :mod:`llamagym_pl.episode`). A style only says how it replies, what it
-trains on and how it scores its actions, old (no grad, once per rollout) and new (in the loss).
+Everything at turn level is common: GAE, penalties, the KL penalty as a per-turn reward, invalid
+actions (:mod:`llamagym_pl.update`, :mod:`llamagym_pl.episode`), and what a value is (the value
+head at the last token of each turn's prompt). A style only says how it replies, what it trains
+on and how it scores its actions, old (no grad, once per rollout) and new (in the loss), with the
+turn values its forward passes give on the way.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class ActionTerms(NamedTuple):
 class Prepared(NamedTuple):
     """What a style's no-grad pass over a rollout returns (it also fills ``buf.old_logprobs``)."""
 
-    values: Tensor  # (R, L) the value at every position of every episode row
+    values: Tensor  # (E, T) each turn's value, 0 past an episode's turns
+    next_value: Tensor  # (E,) the value of the state after a truncated episode (any, if terminated)
     kl: Tensor | None  # (E, T) each turn's KL penalty to the reference policy (None: no reference)
     metrics: dict[str, float]
 
@@ -79,36 +81,43 @@ class ActionStyle(Protocol):
         """The tensors of training units ``index`` (rows, or turns)."""
 
     def prepare(self, policy: Policy, buf: RolloutBuffer, batch_size: int, reference: Reference) -> Prepared:
-        """No grad, eval mode: the old log-probs of every action (into ``buf.old_logprobs``), the
-        values of every row position (:func:`read_rows`) and, with a reference, each turn's KL."""
+        """No grad, eval mode: the old log-probs of every action (into ``buf.old_logprobs``), each
+        turn's value (as :meth:`logprobs` reads the new ones) and, with a reference, each turn's KL."""
 
     def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
         """With grad: the minibatch's new log-probs and entropies, aligned with its old ones."""
 
 
 LogitsReader = Callable[[slice, Tensor, Tensor, Tensor], None]
-"""Receives ``(rows, input_ids, attention_mask, logits)`` of each chunk of rows :func:`read_rows` runs."""
+"""Receives ``(chunk, input_ids, attention_mask, logits)`` of each chunk of rows :func:`read_rows` runs."""
 
 
 def read_rows(
-    policy: Policy, buf: RolloutBuffer, batch_size: int, on_logits: LogitsReader | None = None
+    policy: Policy,
+    buf: RolloutBuffer,
+    batch_size: int,
+    rows: Sequence[int] | None = None,
+    on_logits: LogitsReader | None = None,
 ) -> Tensor:
-    """The value at every position of every episode row, (R, L), one forward per ``batch_size`` rows.
+    """The value at every position of episode rows ``rows`` (default: all), ``(len(rows), L)``,
+    one forward per ``batch_size`` rows.
 
-    A style that reads its log-probs off the rows' logits passes ``on_logits``; without it the LM
-    computes the logits of each row's last position only: a value needs the hidden states alone.
+    A style that reads its log-probs off the rows' logits passes ``on_logits`` (``chunk`` slices
+    the result's rows); without it the LM computes the logits of each row's last position only: a
+    value needs the hidden states alone.
     """
     device = next(policy.parameters()).device
-    values = torch.zeros(buf.input_ids.shape)
-    for start in range(0, len(buf), batch_size):
-        rows = slice(start, start + batch_size)
-        length = int(buf.lengths[rows].max())
-        ids = buf.input_ids[rows, :length].to(device)
-        mask = buf.attention_mask[rows, :length].to(device)
+    index = torch.arange(len(buf)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    values = torch.zeros(len(index), buf.input_ids.shape[1])
+    for start in range(0, len(index), batch_size):
+        chunk, take = slice(start, start + batch_size), index[start : start + batch_size]
+        length = int(buf.lengths[take].max())
+        ids = buf.input_ids[take, :length].to(device)
+        mask = buf.attention_mask[take, :length].to(device)
         logits, v = policy(ids, mask, all_logits=on_logits is not None)  # (B, L, V), (B, L)
-        values[rows, :length] = v.float().cpu()
+        values[chunk, :length] = v.float().cpu()
         if on_logits is not None:
-            on_logits(rows, ids, mask, logits)
+            on_logits(chunk, ids, mask, logits)
     return values
 
 

@@ -90,22 +90,25 @@ class GenerateStyle:
         logprobs = torch.zeros(buf.input_ids.shape)
         ref_logprobs = torch.zeros(buf.input_ids.shape) if reference is not None else None
 
-        def read(rows: slice, ids: Tensor, mask: Tensor, logits: Tensor) -> None:
+        def read(chunk: slice, ids: Tensor, mask: Tensor, logits: Tensor) -> None:
             length = ids.shape[1]
             # logprobs[:, i] = log p(token i | tokens < i); position 0 has no prediction.
-            logprobs[rows, 1:length] = ppo.token_logprobs(logits[:, :-1] / buf.temperature, ids[:, 1:]).cpu()
+            logprobs[chunk, 1:length] = ppo.token_logprobs(logits[:, :-1] / buf.temperature, ids[:, 1:]).cpu()
             if ref_logprobs is not None:
-                ref_logprobs[rows, 1:length] = reference.token_logprobs(ids, mask, buf.temperature).cpu()
+                ref_logprobs[chunk, 1:length] = reference.token_logprobs(ids, mask, buf.temperature).cpu()
 
-        values = read_rows(policy, buf, batch_size, read)
+        rows = read_rows(policy, buf, batch_size, on_logits=read)  # (R, L)
+        # Turn t's value at the end of its prompt; a truncated episode's next state at its row's end.
+        values = rows[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
+        next_value = rows[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
         buf.old_logprobs = logprobs
         if ref_logprobs is None:
-            return Prepared(values, None, {})
+            return Prepared(values, next_value, None, {})
         num_turns = buf.turn_mask.shape[1]
         row_kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (R, T)
         # Each turn's tokens are in one row: summing an episode's rows gathers its turns.
         kl = torch.zeros_like(buf.rewards).index_add_(0, buf.row_episode, row_kl)  # (E, T)
-        return Prepared(values, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))})
+        return Prepared(values, next_value, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))})
 
     def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
         """Every response token of the rows, under ``softmax(logits / temperature)``; the values

@@ -118,8 +118,10 @@ class ScoreStyle:
 
     @torch.no_grad()
     def prepare(self, policy: Policy, buf: RolloutBuffer, batch_size: int, reference: Reference) -> Prepared:
-        """Old log-probs of the chosen candidates, ``batch_size`` turns per forward (the candidate
-        forward once per turn), and values from the rows' hidden states (no logits).
+        """One candidate forward per turn, ``batch_size`` turns at a time, gives the chosen
+        candidates' old log-probs and the turn values (the value head at each prompt's last token,
+        as :meth:`logprobs` reads the new ones); only a truncated episode's next state needs a
+        forward of its own (its row's hidden states, no logits).
 
         With a ``reference`` policy, each turn's KL penalty comes from the candidate distributions
         the policy acts with: ``log pi(a) - log pi_ref(a)`` of the chosen candidate (its
@@ -128,14 +130,14 @@ class ScoreStyle:
         ``KL(pi || pi_ref)`` over the candidates of each turn (>= 0).
         """
         device, turns = next(policy.parameters()).device, buf.actions
-        old_logprobs, entropy = torch.zeros(len(turns)), torch.zeros(len(turns))
+        old_logprobs, entropy, values = (torch.zeros(len(turns)) for _ in range(3))
         chosen_kl, exact_kl = torch.zeros(len(turns)), torch.zeros(len(turns))
         for start in range(0, len(turns), batch_size):
             index = list(range(start, min(start + batch_size, len(turns))))
             batch = {k: v.to(device) for k, v in candidate_minibatch(buf, index).items()}
-            logp = candidate_logprobs(
-                batch, candidate_forward(policy, batch)[0], self.normalization, self.temperature
-            )
+            sums, turn_value = candidate_forward(policy, batch)  # (R,), (N,)
+            values[index] = turn_value.float().cpu()
+            logp = candidate_logprobs(batch, sums, self.normalization, self.temperature)  # (N, C)
             old_logprobs[index] = chosen_logprob(logp, batch).cpu()  # (N,)
             entropy[index] = ppo.entropy_from_logits(logp).cpu()
             if reference is not None:
@@ -145,14 +147,27 @@ class ScoreStyle:
                 chosen_kl[index] = (chosen_logprob(logp, batch) - chosen_logprob(ref_logp, batch)).cpu()
                 exact_kl[index] = candidate_kl(logp, ref_logp).cpu()
         buf.old_logprobs = old_logprobs
-        values = read_rows(policy, buf, batch_size)
+        turn_values = torch.zeros_like(buf.rewards)  # (E, T)
+        turn_values[turns.turn_episode, turns.turn_step] = values
+        next_value = self.bootstrap_values(policy, buf, batch_size)
         metrics = {"rollout/candidate_entropy": float(entropy.mean())}
         if reference is None:
-            return Prepared(values, None, metrics)
+            return Prepared(turn_values, next_value, None, metrics)
         metrics["train/kl_ref"] = float(exact_kl.mean())
         kl = torch.zeros_like(buf.rewards)  # (E, T)
         kl[turns.turn_episode, turns.turn_step] = chosen_kl
-        return Prepared(values, kl, metrics)
+        return Prepared(turn_values, next_value, kl, metrics)
+
+    @staticmethod
+    def bootstrap_values(policy: Policy, buf: RolloutBuffer, batch_size: int) -> Tensor:
+        """(E,) the value of each truncated episode's next state, read at the end of the row that
+        ends with its prompt; 0 for a terminated episode (which bootstraps nothing)."""
+        next_value = torch.zeros(len(buf.terminated))
+        truncated = (~buf.terminated).nonzero().squeeze(1)  # (E',)
+        if len(truncated):
+            rows = read_rows(policy, buf, batch_size, rows=buf.bootstrap_row[truncated])  # (E', L)
+            next_value[truncated] = rows[torch.arange(len(truncated)), buf.bootstrap_position[truncated]]
+        return next_value
 
     def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
         """All candidates of every turn scored again, with grad, in one batched forward: a turn's
