@@ -46,15 +46,15 @@ class ReferencePolicy:
         self._lm = policy.lm
         self._value_head = policy.value_head
         self.shares_weights = is_peft(policy.lm)
-        self._frozen: nn.Module | None = None
+        self.frozen: nn.Module | None = None  # the initial LM's copy; None: the LoRA base is the reference
         if not self.shares_weights:
-            self._frozen = copy.deepcopy(policy.lm).requires_grad_(False).eval()
+            self.frozen = copy.deepcopy(policy.lm).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def _reference_lm(self, device: torch.device) -> Iterator[nn.Module]:
         """The initial LM: the frozen copy, or the peft model with its adapter switched off."""
-        if self._frozen is not None:
-            yield self._frozen.to(device).eval()  # .to is a no-op after the first call
+        if self.frozen is not None:
+            yield self.frozen.to(device).eval()  # .to is a no-op after the first call
             return
         was_training = self._lm.training
         self._lm.eval()  # no LoRA dropout (it is bypassed anyway with the adapter off)

@@ -109,8 +109,8 @@ def test_full_finetune_reference_is_a_frozen_initial_copy_outside_the_module(tin
     module.train()
     ref = module.reference.token_logprobs(ids, torch.ones_like(ids))
     torch.testing.assert_close(ref, initial, rtol=0, atol=0)
-    frozen = list(module.reference._frozen.parameters())
-    assert not module.reference._frozen.training and not any(p.requires_grad for p in frozen)
+    frozen = list(module.reference.frozen.parameters())
+    assert not module.reference.frozen.training and not any(p.requires_grad for p in frozen)
     assert {id(p) for p in frozen}.isdisjoint(id(p) for p in module.parameters())
     assert all(k.startswith("policy.") for k in module.state_dict()), "the copy is never checkpointed"
 
