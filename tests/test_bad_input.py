@@ -196,9 +196,11 @@ def test_imperative_loop_refuses_half_precision_trainable_weights(tiny_model_dir
 
 
 def test_more_minibatches_than_the_rollout_has_episodes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # 16 turns fit 16 episodes only if every episode lasts one turn; this rollout has fewer.
+    # 16 turns fit 16 episodes only if every episode lasts one turn; this rollout has fewer. Without
+    # a prompt budget: with one (the YAML's), every later turn is a row of its own.
+    argv = args(tiny_model_dir, tmp_path, "--model.num_minibatches", "16", "--data.max_prompt_tokens", "null")
     with pytest.raises(ValueError, match=r"fewer than num_minibatches=16; lower model.num_minibatches"):
-        fit.build_cli(args=args(tiny_model_dir, tmp_path, "--model.num_minibatches", "16"))
+        fit.build_cli(args=argv)
 
 
 def test_unknown_env_id(tiny_model_dir: Path, tmp_path: Path) -> None:
