@@ -118,7 +118,7 @@ RANGES: dict[str, tuple[str, Any, str]] = {
     "temperature": (">", 0, " (use greedy evaluation instead)"),
     "update_epochs": (">=", 1, ""),
     "num_minibatches": (">=", 1, ""),
-    "score_batch_size": (">=", 1, ""),
+    "prepare_batch_size": (">=", 1, ""),
     "batch_size": (">=", 1, ""),
     "total_updates": (">=", 1, ""),
     "num_envs": (">=", 1, ""),

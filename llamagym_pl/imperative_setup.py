@@ -53,7 +53,7 @@ MODEL_ONLY = frozenset(
         "lora_alpha",
         "lora_dropout",
         "lora_target_modules",
-        "score_batch_size",
+        "prepare_batch_size",
         "max_nonfinite_steps",
     }
 )

@@ -53,8 +53,8 @@ class PPOModule(L.LightningModule):
         norm_adv: normalize advantages to zero mean and unit variance, once per rollout over every
             turn of every DDP rank (not per minibatch: minibatches group rows by length, which
             depends on the actions taken).
-        score_batch_size: episode rows (score mode: also turns) per forward pass when preparing a
-            rollout (old log-probs, values).
+        prepare_batch_size: episode rows (score mode: turns) per forward pass of the preparation
+            pass (old log-probs, values), no grad.
         quantization: ``none``, ``4bit`` (NF4, QLoRA) or ``8bit`` base weights via bitsandbytes;
             needs ``lora_r > 0``.
         quant_compute_dtype: dtype of 4-bit matmuls (None: ``dtype``).
@@ -96,7 +96,7 @@ class PPOModule(L.LightningModule):
         max_grad_norm: float = 1.0,
         target_kl: float | None = None,
         norm_adv: bool = True,
-        score_batch_size: int = 64,
+        prepare_batch_size: int = 64,
         quantization: Quantization = "none",
         quant_compute_dtype: str | None = None,
         gradient_checkpointing: bool = False,
@@ -138,7 +138,7 @@ class PPOModule(L.LightningModule):
                 rollout.style,
                 hp.gamma,
                 hp.gae_lambda,
-                hp.score_batch_size,
+                hp.prepare_batch_size,
                 self.reference,
                 kl_coef,
                 norm_adv=hp.norm_adv,
