@@ -42,11 +42,17 @@ def play(agent: BlackjackAgent, env: gym.Env, seed: int, train: bool) -> tuple[f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="a model id or directory (default: the offline tiny model)")
+    parser.add_argument(
+        "--model", default="tiny", help="a model id or directory (default: the offline tiny model)"
+    )
     parser.add_argument("--episodes", type=int, default=24_000, help="training episodes")
     parser.add_argument("--eval-episodes", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)")
+    parser.add_argument("--batch-size", type=int, default=128, help="episodes per PPO update")
+    parser.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)"
+    )
     parser.add_argument("--out", default=None, help="write the evaluation as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -62,8 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         # One-word replies: the tiny model answers "hit" or "stick" (a chat model would need more).
         generate_config_dict={"max_new_tokens": 1},
         ppo_config_dict={
-            "batch_size": 256,  # episodes per PPO update (~350 turns)
+            "batch_size": args.batch_size,  # episodes per PPO update (128: ~180 turns)
             "learning_rate": 1e-3,  # the tiny model is trained from scratch
+            # ... decayed linearly to 0 over the run, as experiments/blackjack-generate.yaml does.
+            "lr_schedule": "linear",
+            "total_updates": args.episodes // args.batch_size,
+            "ent_coef": args.ent_coef,
             "update_epochs": 4,
             "num_minibatches": 4,
             "invalid_penalty": -1.0,  # a reply that names no action costs -1 on its turn

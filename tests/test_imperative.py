@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -465,3 +467,18 @@ def test_config_takes_the_lightning_modules_settings() -> None:
         ImperativeConfig.from_dict({"gamma": 1.5})
     with pytest.raises(ValueError, match="unknown ppo_config_dict keys"):
         ImperativeConfig.from_dict({"lora_r": 8})  # the user brings the model
+
+
+def test_the_blackjack_loop_script_trains_and_evaluates(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """experiments/blackjack_loop.py (README: "The imperative loop") runs end to end: two PPO
+    updates of the seed README's loop, then a greedy evaluation written as JSON."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / "blackjack_loop.py"
+    spec = importlib.util.spec_from_file_location("blackjack_loop", script)
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    out = tmp_path / "eval.json"
+    args = ["--model", str(tiny_model_dir), "--episodes", "64", "--batch-size", "32", "--eval-episodes", "20"]
+    loop.main([*args, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 20 and result["train_episodes"] == 64
+    assert -1.0 <= result["return_mean"] <= 1.0 and result["return_stderr"] > 0
