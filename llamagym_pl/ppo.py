@@ -74,11 +74,17 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     `x`) is returned unscaled.
     """
     mask = _check_mask(x, mask)
-    mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)
-    scale = torch.rsqrt(var + eps)
+    return _whiten(x, mask, masked_mean(x, mask), var, mask.sum(), shift_mean, eps)
+
+
+def _whiten(
+    x: Tensor, mask: Tensor, mean: Tensor, var: Tensor, n: Tensor, shift_mean: bool, eps: float
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` (or ``x / ...``) on the mask, 0 elsewhere; unscaled when
+    fewer than 2 elements (``n``) give no spread."""
     # torch.where instead of `if n < 2`: keeps the function free of host syncs.
-    scale = torch.where(mask.sum() >= 2, scale, torch.ones_like(scale))
+    scale = torch.where(n >= 2, torch.rsqrt(var + eps), torch.ones_like(var))
     whitened = (x - mean) * scale if shift_mean else x * scale
     return torch.where(mask, whitened, torch.zeros_like(whitened))
 
@@ -105,9 +111,7 @@ def whiten_with_moments(x: Tensor, mask: Tensor, moments: Tensor, eps: float = 1
     n, total, squares = moments.double().unbind()
     mean = total / n.clamp(min=1)
     var = ((squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-    scale = torch.where(n >= 2, torch.rsqrt(var + eps), torch.ones_like(var))
-    whitened = ((x.double() - mean) * scale).to(x.dtype)
-    return torch.where(mask, whitened, torch.zeros_like(whitened))
+    return _whiten(x.double(), mask, mean, var, n, True, eps).to(x.dtype)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
