@@ -9,6 +9,7 @@ imperative loop (`agent.act(obs)` ...).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,25 @@ class Agent(ABC):
             "action_names (one name per Discrete action), override candidate_actions(observation, "
             "info), or use an env whose info has 'admissible_commands'"
         )
+
+    def first_action_name(self, response: str) -> int:
+        """The index in :attr:`action_names` of the first action name the reply says.
+
+        A helper for :meth:`extract_action` of ``Discrete`` envs: names are matched as whole
+        words, case-insensitively, and the first in the reply wins ("Hit, then stick." is hit). Raises
+        ``ValueError`` when the reply names none, so the rollout applies its invalid-action policy.
+        """
+        if not self.action_names:
+            raise ValueError(
+                f"{type(self).__name__}.action_names is not set: first_action_name has no names to find"
+            )
+        index = {name.lower(): i for i, name in enumerate(self.action_names)}
+        # Longest names first, so that "move left" wins over "move" where both are names.
+        names = "|".join(re.escape(name) for name in sorted(index, key=len, reverse=True))
+        found = re.search(rf"(?<!\w)({names})(?!\w)", response, flags=re.IGNORECASE)
+        if found is not None:
+            return index[found.group(1).lower()]
+        raise ValueError(f"no action name ({'/'.join(self.action_names)}) in reply {response!r}")
 
     # ------------------------------------------------------------------ LlamaGym's imperative loop
     def act(self, observation: Any, info: dict[str, Any] | None = None) -> Any:

@@ -10,7 +10,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Quantization = Literal["none", "4bit", "8bit"]
 HUB_PROBE_TIMEOUT_S = 5.0
+
+
+class LoadOptions(TypedDict, total=False):
+    """How the weights are loaded: :func:`load_causal_lm`'s keyword arguments, which
+    :func:`build_policy` passes through."""
+
+    dtype: str
+    trust_remote_code: bool
+    quantization: Quantization
+    quant_compute_dtype: str | None
+    gradient_checkpointing: bool
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -166,23 +177,20 @@ def add_lora(
 
 def build_policy(
     name_or_path: str,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    quantization: Quantization = "none",
-    quant_compute_dtype: str | None = None,
-    gradient_checkpointing: bool = False,
     lora_r: int = 0,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
     lora_target_modules: str | list[str] = "all-linear",
+    **load: Unpack[LoadOptions],
 ) -> PolicyWithValueHead:
     """The LM (optionally quantized, optionally with LoRA) and a fresh value head.
 
-    See :func:`load_causal_lm` and :func:`add_lora` for the arguments; ``lora_r=0`` trains all
+    See :func:`add_lora` and :func:`load_causal_lm` (``load``) for the arguments; ``lora_r=0`` trains all
     weights, which a quantized model cannot do, nor a half-precision one (its AdamW updates
     round away). Every dropout is off (:func:`disable_dropout`),
     ``lora_dropout`` included: it only goes into the adapter's saved config.
     """
+    quantization, dtype = load.get("quantization", "none"), load.get("dtype", "float32")
     if quantization != "none" and lora_r <= 0:
         raise ValueError(
             f"quantization={quantization!r} freezes the base weights: set lora_r > 0 to train a "
@@ -190,9 +198,7 @@ def build_policy(
         )
     if lora_r <= 0 and DTYPES.get(dtype) in HALF_DTYPES:  # before loading: fail at once
         raise ValueError(_half_full_finetuning(repr(dtype)))
-    lm = load_causal_lm(
-        name_or_path, dtype, trust_remote_code, quantization, quant_compute_dtype, gradient_checkpointing
-    )
+    lm = load_causal_lm(name_or_path, **load)
     half = half_precision_trainable(lm) if lora_r <= 0 else []
     if half:  # dtype: auto, and the checkpoint is in half precision
         resolved = str(lm.get_parameter(half[0]).dtype).removeprefix("torch.")

@@ -9,7 +9,6 @@ the clipped surrogate + value + entropy loss.
 
 from __future__ import annotations
 
-from inspect import signature
 from typing import Any, Literal
 
 import lightning as L
@@ -21,7 +20,7 @@ from llamagym_pl import ppo
 from llamagym_pl.actions import Rollout
 from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits, check_ranges
 from llamagym_pl.kl import KLController, ReferencePolicy
-from llamagym_pl.loading import Quantization, build_policy, load_tokenizer
+from llamagym_pl.loading import LoadOptions, Quantization, build_policy, load_tokenizer
 from llamagym_pl.policy import drop_frozen, fill_frozen
 from llamagym_pl.stats import RolloutStats, metrics_from_totals, rollout_totals
 from llamagym_pl.update import make_optimizer, minibatch_loss, prepare_rollout
@@ -115,9 +114,15 @@ class PPOModule(L.LightningModule):
         self._nonfinite = NonFiniteLoss(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         # build_policy's arguments are hyperparameters of the same names (name_or_path, dtype, lora_r ...).
-        self.policy = build_policy(
-            **{name: self.hparams[name] for name in signature(build_policy).parameters}
-        )
+        policy_args = [
+            "name_or_path",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target_modules",
+            *LoadOptions.__annotations__,
+        ]
+        self.policy = build_policy(**{name: self.hparams[name] for name in policy_args})
         self.kl_ctl = KLController(kl_coef, target_kl_ref, kl_horizon)
         # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
         self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None

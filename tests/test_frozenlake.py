@@ -123,3 +123,21 @@ def test_tiny_fit_plays_whole_episodes_within_the_prompt_budget(tiny_model_dir: 
         assert ep.prompt_start[: ep.num_turns] == list(range(ep.num_turns))
     assert any(ep.num_turns > 1 for ep in episodes)
     assert cli.trainer.callback_metrics["eval/episodes"] == 4
+
+
+class _Moves(FrozenLakeAgent):
+    action_names = ["move", "move left", "C++"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "action"), [("Move left now", 1), ("move, then move left", 0), ("I'd say c++.", 2), ("MOVE", 0)]
+)
+def test_first_action_name_takes_whole_names_the_longest_where_they_overlap(reply: str, action: int) -> None:
+    assert _Moves().first_action_name(reply) == action
+
+
+def test_first_action_name_without_action_names_says_so() -> None:
+    agent = FrozenLakeAgent()
+    agent.action_names = None
+    with pytest.raises(ValueError, match="action_names is not set"):
+        agent.first_action_name("left")

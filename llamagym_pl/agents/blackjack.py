@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from llamagym_pl.agent import Agent
 
 STICK, HIT = 0, 1
-_WORDS = {"stick": STICK, "hit": HIT}
 
 
 class BlackjackAgent(Agent):
@@ -33,7 +31,4 @@ class BlackjackAgent(Agent):
 
     def extract_action(self, response: str) -> int:
         # The first action word wins: "hit, then stick" means hit now.
-        for word in re.findall(r"[a-z]+", response.lower()):
-            if word in _WORDS:
-                return _WORDS[word]
-        raise ValueError(f"no action word (hit/stick) in reply {response!r}")
+        return self.first_action_name(response)

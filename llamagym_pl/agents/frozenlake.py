@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from llamagym_pl.agent import Agent
 
-# FrozenLake's action order: 0 left, 1 down, 2 right, 3 up.
-_WORDS = {"left": 0, "down": 1, "right": 2, "up": 3}
 DEFAULT_SYSTEM_PROMPT = "Walk on the frozen lake to the goal. Answer with one word: left, down, right or up."
 
 
@@ -46,7 +43,4 @@ class FrozenLakeAgent(Agent):
         return f"You are at row {row}, column {col} (cell {cell})."
 
     def extract_action(self, response: str) -> int:
-        for word in re.findall(r"[a-z]+", response.lower()):
-            if word in _WORDS:
-                return _WORDS[word]
-        raise ValueError(f"no direction (left/down/right/up) in reply {response!r}")
+        return self.first_action_name(response)
