@@ -1,25 +1,24 @@
 """One benchmark setting: a rollout and a PPO update, each timed against the bare model's limit.
 
-The *limit* is the time the bare Hugging Face model needs for the very same forward (and, for
-the update, backward) passes: same batch shapes, same prompt lengths, same number of new tokens,
-KV cache on, but no env, no tokenizer, no sampling and no PPO bookkeeping. Each bare pass is
-replayed right after the real call it copies, so both see the same load on a shared machine; its
-time is then taken out of the rollout's.
+The *limit* is the bare model's time for the necessary work of the same passes, and the *replay*
+its time for the very same passes (same batch shapes and prompt lengths, padding included, KV
+cache on), both with no env, no tokenizer, no sampling and no PPO bookkeeping (see
+``bench/limit.py``). Each bare pass is replayed right after the real call it copies, so both see
+the same load on a shared machine; its time is then taken out of the rollout's.
 """
 
 from __future__ import annotations
 
 import copy
 import resource
-import time
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
+from bench.limit import Clock, Limit, bare_generate, bare_update
 from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.actions.generate import row_minibatch
 from llamagym_pl.agents import BlackjackAgent
@@ -51,11 +50,6 @@ class Setting:
     repeats: int = 2  # identical runs of the rollout and the update; the fastest counts
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS counter (VmHWM), so that each setting reports its own peak."""
     try:
@@ -81,90 +75,49 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-class Clock:
-    """Adds up the wall time of ``with clock:`` blocks, queued device work included, and the
-    process's CPU time: with one torch thread that is the work done, whatever share of the cores
-    the other tenants of a shared machine took meanwhile."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds = 0.0
-        self.cpu = 0.0
-
-    def __enter__(self) -> Clock:
-        sync(self.device)
-        self._start, self._cpu_start = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sync(self.device)
-        self.seconds += time.perf_counter() - self._start
-        self.cpu += time.process_time() - self._cpu_start
-
-
-@torch.no_grad()
-def bare_generate(lm: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, new_tokens: int) -> None:
-    """The forward passes ``generate`` makes for ``new_tokens`` tokens, and nothing else.
-
-    Prefill of the left-padded prompts into a KV cache, then one single-token step per further
-    token; argmax stands in for sampling (which tokens come does not change the cost).
-    """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as generate makes them
-    cache = DynamicCache(config=lm.config)
-    logits = lm(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits  # (B, 1, V)
-    mask, position = attention_mask, position_ids[:, -1:]
-    for _ in range(new_tokens - 1):
-        token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        position = position + 1
-        logits = lm(
-            input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
-        ).logits
-
-
 class ReplayingGenerate:
     """Stands in for ``policy.generate``: times each call, then replays it on the bare model."""
 
     def __init__(self, policy: PolicyWithValueHead, device: torch.device) -> None:
         self.inner = policy.generate
         self.lm = policy.lm
-        self.ours, self.bare = Clock(device), Clock(device)
-        self.shapes: list[tuple[int, int, int]] = []  # (B, P, new tokens) of every call
+        self.ours, self.limit = Clock(device), Limit.on(device)
+        self.calls = 0
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Tensor:
         with self.ours:
             out = self.inner(input_ids, attention_mask, **kwargs)
-        new_tokens = out.shape[1] - input_ids.shape[1]
-        with self.bare:
-            bare_generate(self.lm, input_ids, attention_mask, new_tokens)
-        self.shapes.append((*input_ids.shape, new_tokens))
+        eos = getattr(kwargs.get("generation_config"), "eos_token_id", None)
+        replies = reply_lengths(out[:, input_ids.shape[1] :], eos)
+        bare_generate(self.lm, input_ids, attention_mask, replies, self.limit)
+        self.calls += 1
         return out
+
+
+def reply_lengths(new: Tensor, eos_token_id: int | list[int] | None) -> list[int]:
+    """Each row's reply length in ``generate``'s (B, new) tokens: up to its first end-of-sequence
+    token, included (``generate`` pads the rows that finished early)."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    lengths = []
+    for row in new.tolist():
+        ends = [i for i, token in enumerate(row) if token in eos]
+        lengths.append(ends[0] + 1 if ends else len(row))
+    return lengths
 
 
 @dataclass
 class UpdateLog:
     ours: Clock
-    bare: Clock
+    limit: Limit
     shapes: list[tuple[int, int, int]]  # (B, L, non-padding tokens) of every minibatch
 
 
 def run_update(
     policy: PolicyWithValueHead, buf: RolloutBuffer, setting: Setting, device: torch.device
 ) -> UpdateLog:
-    """PPO minibatch steps (loss, backward, clip, AdamW), each followed by a bare fwd+bwd.
-
-    The bare pass is the LM alone on the same (B, L) ids and mask, the sum of its logits as the
-    loss, and gradients for the same weights: what any update on these batches must compute.
-    """
+    """PPO minibatch steps (loss, backward, clip, AdamW), each followed by its bare replay
+    (:func:`bench.limit.bare_update`: the LM alone on the same rows, gradients for its weights)."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    lm_params = [p for p in policy.lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, eps=1e-5, weight_decay=0.0)  # as PPOModule
     # Create AdamW's state before the clock starts: a run pays that once, not every step. With
     # zero gradients and no weight decay this step leaves the weights as they are.
@@ -173,7 +126,7 @@ def run_update(
     optimizer.step()
     num_minibatches = min(setting.num_minibatches, len(buf))  # one env may finish few episodes
     sampler = MinibatchSampler(buf.train_lengths, num_minibatches, setting.update_epochs, seed=0)
-    ours, bare, shapes = Clock(device), Clock(device), []
+    ours, limit, shapes = Clock(device), Limit.on(device), []
     policy.train()
     for index in islice(sampler, setting.max_update_steps):
         with ours:
@@ -183,12 +136,10 @@ def run_update(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
-        with bare:
-            logits = policy.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            torch.autograd.grad(logits.sum(), lm_params)
+        bare_update(policy.lm, batch["input_ids"], batch["attention_mask"], batch["action_mask"], limit)
         shapes.append((*batch["input_ids"].shape, int(batch["attention_mask"].sum())))
     optimizer.zero_grad(set_to_none=True)
-    return UpdateLog(ours, bare, shapes)
+    return UpdateLog(ours, limit, shapes)
 
 
 def padding_fraction(shapes: list[tuple[int, int, int]]) -> float:
@@ -203,12 +154,24 @@ def score_padding_fraction(lengths: Tensor, batch_size: int) -> float:
     return 1.0 - int(lengths.sum()) / total
 
 
+def random_padding(lengths: Tensor, num_minibatches: int, update_epochs: int, seed: int = 0) -> float:
+    """Share of padding if each pass were cut into minibatches at random: rows grouped by nothing
+    the actions decide (a row's length depends on them), unlike a sampler that sorts by length."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = []
+    for _ in range(update_epochs):
+        for chunk in torch.tensor_split(torch.randperm(len(lengths), generator=gen), num_minibatches):
+            mine = lengths[chunk]
+            shapes.append((len(chunk), int(mine.max()), int(mine.sum())))
+    return padding_fraction(shapes)
+
+
 @dataclass
 class Rollout:
     stats: RolloutStats
     whole: Clock  # the collect call, its bare replays taken out
     generate: Clock
-    limit: Clock  # the bare replays of its generate calls
+    limit: Limit  # the bare replays of its generate calls
     calls: int
 
 
@@ -221,8 +184,8 @@ def play(policy: PolicyWithValueHead, tokenizer, collector: RolloutCollector, se
             stats = collector.collect(policy, tokenizer, seed=0, epoch=1, steps_per_env=setting.steps_per_env)
     finally:
         del policy.generate
-    whole.seconds, whole.cpu = whole.seconds - gen.bare.seconds, whole.cpu - gen.bare.cpu
-    return Rollout(stats, whole, gen.ours, gen.bare, len(gen.shapes))
+    whole.add(gen.limit.replay, -1.0)
+    return Rollout(stats, whole, gen.ours, gen.limit, gen.calls)
 
 
 def run_setting(
@@ -251,7 +214,7 @@ def run_setting(
     rollouts = [play(policy, tokenizer, collector, setting) for _ in range(setting.repeats)]
     collector.close()
     rollout = min(rollouts, key=lambda r: r.whole.seconds)
-    rollout.limit = min((r.limit for r in rollouts), key=lambda c: c.seconds)
+    rollout.limit = min((r.limit for r in rollouts), key=lambda limit: limit.replay.seconds)
     episodes = rollout.stats.episodes[: setting.max_train_episodes]
     with Clock(device) as buffer_clock:
         buf = build_buffer(tokenizer, episodes)
@@ -264,10 +227,12 @@ def run_setting(
     policy.load_state_dict(initial_state)
     update = UpdateLog(
         min((u.ours for u in updates), key=lambda c: c.seconds),
-        min((u.bare for u in updates), key=lambda c: c.seconds),
+        min((u.limit for u in updates), key=lambda limit: limit.replay.seconds),
         updates[0].shapes,
     )
     row = make_row(setting, rollout, update, score_clock.seconds, buffer_clock.seconds, len(episodes))
+    num_minibatches = min(setting.num_minibatches, len(buf))
+    row["update_padding_random"] = random_padding(buf.train_lengths, num_minibatches, setting.update_epochs)
     row["score_padding"] = score_padding_fraction(buf.lengths, SCORE_BATCH_SIZE)
     row["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
@@ -277,6 +242,29 @@ def run_setting(
 
 def ratio(ours: Clock, bare: Clock, clock: str) -> float:
     return ours.cpu / bare.cpu if clock == "cpu" else ours.seconds / bare.seconds
+
+
+def versus(name: str, ours: Clock, limit: Limit, clock: str) -> dict[str, float]:
+    """Our time over the limit (the necessary work) and over the replay (the same passes, the
+    old definition of the limit), in ``clock`` time and in wall time."""
+    return {
+        f"{name}_vs_limit": ratio(ours, limit.necessary, clock),
+        f"{name}_vs_replay": ratio(ours, limit.replay, clock),
+        f"{name}_vs_limit_wall": ratio(ours, limit.necessary, "wall"),
+        f"{name}_vs_replay_wall": ratio(ours, limit.replay, "wall"),
+    }
+
+
+def work(name: str, limit: Limit) -> dict[str, float]:
+    """The bare model's seconds and token counts behind ``name``'s limit and replay."""
+    return {
+        f"{name}_limit_s": limit.necessary.seconds,
+        f"{name}_replay_s": limit.replay.seconds,
+        f"{name}_encoded_tokens": limit.tokens,
+        f"{name}_replay_tokens": limit.replay_tokens,
+        f"{name}_head_positions": limit.heads,
+        f"{name}_replay_head_positions": limit.replay_heads,
+    }
 
 
 def make_row(
@@ -310,17 +298,18 @@ def make_row(
         "prompt_tokens_per_step": stats.prompt_tokens / stats.env_steps,
         "generate_calls": rollout.calls,
         "ratio_clock": clock,
-        "rollout_limit_s": rollout.limit.seconds,
-        "rollout_vs_limit": ratio(rollout.whole, rollout.limit, clock),
-        "generate_vs_limit": ratio(rollout.generate, rollout.limit, clock),
-        "rollout_vs_limit_wall": ratio(rollout.whole, rollout.limit, "wall"),
-        "limit_env_steps_per_s": stats.env_steps / rollout.limit.seconds,
+        **versus("rollout", rollout.whole, rollout.limit, clock),
+        **versus("generate", rollout.generate, rollout.limit, clock),
+        **work("rollout", rollout.limit),
+        "rollout_encoded_per_generated_token": rollout.limit.tokens / max(rollout.limit.heads, 1),
+        "limit_env_steps_per_s": stats.env_steps / rollout.limit.necessary.seconds,
+        "replay_env_steps_per_s": stats.env_steps / rollout.limit.replay.seconds,
         "train_episodes": train_episodes,
         "update_steps": len(update.shapes),
         "update_s": update.ours.seconds,
-        "update_limit_s": update.bare.seconds,
-        "update_vs_limit": ratio(update.ours, update.bare, clock),
-        "update_vs_limit_wall": ratio(update.ours, update.bare, "wall"),
+        **versus("update", update.ours, update.limit, clock),
+        **work("update", update.limit),
+        "update_encoded_per_trained_token": update.limit.tokens / max(update.limit.heads, 1),
         "update_tokens_per_s": update_tokens / update.ours.seconds,
         "update_padding": padding_fraction(update.shapes),
         "split_s": split,
