@@ -23,9 +23,14 @@ fit:  ## train the default experiment
 resume:  ## continue the default experiment from its last checkpoint
 	$(PY) -m llamagym_pl.fit --config $(CONFIG) --ckpt_path last
 
-bench:  ## rollout/update throughput vs the bare model (~5 min on 2 CPU cores; QUICK=1: a smoke run)
+bench:  ## throughput vs the bare model's limit (~5 min on 2 CPU cores), then bench-llamagym (QUICK=1: a smoke run)
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 	$(if $(QUICK),,$(PY) bench/ddp_scaling.py)
+	$(MAKE) --no-print-directory bench-llamagym
+
+.PHONY: bench-llamagym
+bench-llamagym:  ## LlamaGym 0.1.1 vs us, same agent and models (~15 min; skipped until bash bench/llamagym/setup.sh)
+	$(PY) bench/llamagym/side_by_side.py $(if $(QUICK),--quick) $(LLAMAGYM_ARGS)
 
 tensorboard:
 	.venv/bin/tensorboard --logdir runs

@@ -7,7 +7,8 @@ necessary work (``*/lim``), and to its replay of the very same passes (``*/rep``
 definition; see ``bench/limit.py``), with the encoded tokens per trained token and the update's
 padding (with our minibatch sampler, and with minibatches drawn at random). Then the whole fit
 loop of ``experiments/blackjack-generate.yaml`` and the RSS of a 40-epoch run. Writes everything
-to ``bench_results/bench.json``.
+to ``bench_results/bench.json``. (``make bench`` then runs LlamaGym side by side,
+``bench/llamagym/side_by_side.py``, once its venv is built.)
 
 Rates and the split are wall time. On the CPU the ratios to the limit are CPU time of this
 process (one torch thread by default), so that other tenants of a shared machine do not move

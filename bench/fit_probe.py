@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "experiments" / "blackjack-generate.yaml"
 
 
-def fit_probe(epochs: int, overrides: list[str], workdir: str) -> dict[str, Any]:
-    """Run ``llamagym_pl.fit`` on the default experiment; time and RSS at every epoch end."""
+def fit_probe(
+    epochs: int, overrides: list[str], workdir: str, config: Path = CONFIG, logger: bool = True
+) -> dict[str, Any]:
+    """Run ``llamagym_pl.fit`` on ``config`` (default: the default generate experiment), with its
+    TensorBoard logger writing to ``workdir`` or none; time and RSS at every epoch end."""
     from lightning.pytorch.callbacks import Callback
 
     from llamagym_pl.fit import build_cli
@@ -44,12 +47,12 @@ def fit_probe(epochs: int, overrides: list[str], workdir: str) -> dict[str, Any]
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     args = [
-        "--config", str(CONFIG),
+        "--config", str(config),
         "--trainer.max_epochs", str(epochs),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
         "--trainer.limit_val_batches", "0",
-        "--trainer.logger.init_args.save_dir", workdir,
+        *(["--trainer.logger.init_args.save_dir", workdir] if logger else ["--trainer.logger", "false"]),
         "--checkpoint.dirpath", f"{workdir}/checkpoints",
         *overrides,
     ]  # fmt: skip
