@@ -15,7 +15,8 @@ shares (the system prompt) once per row, and, in the update, the LM head at ever
 Each part of a replay (body, LM head, a decoding step) is timed on its own and scaled by its share
 of necessary tokens: within a part, time is taken as proportional to tokens. That holds for the
 matmuls, which dominate at these lengths; a call's fixed overhead is scaled down too, so the limit
-errs low (our ratio to it high), never in our favour.
+errs low (our ratio to it high), never in our favour. Padding, the part of a batch's work that
+is not necessary, is measured here too.
 """
 
 from __future__ import annotations
@@ -184,3 +185,38 @@ def bare_update(
     with limit.part(tokens / (b * length)):
         torch.autograd.grad(hidden, body_params, grad_outputs=grad_hidden, allow_unused=True)
     limit.count(tokens, b * length, heads, b * length)
+
+
+def reply_lengths(new: Tensor, eos_token_id: int | list[int] | None) -> list[int]:
+    """Each row's reply length in ``generate``'s (B, new) tokens: up to its first end-of-sequence
+    token, included (``generate`` pads the rows that finished early)."""
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    lengths = []
+    for row in new.tolist():
+        ends = [i for i, token in enumerate(row) if token in eos]
+        lengths.append(ends[0] + 1 if ends else len(row))
+    return lengths
+
+
+def padding_fraction(shapes: list[tuple[int, int, int]]) -> float:
+    """Share of padding in (B, L, non-padding tokens) batches."""
+    total = sum(b * length for b, length, _ in shapes)
+    return 1.0 - sum(real for *_, real in shapes) / max(total, 1)
+
+
+def score_padding_fraction(lengths: Tensor, batch_size: int) -> float:
+    """Share of padding in prepare_rollout's batches (buffer order, trimmed to each batch's max)."""
+    total = sum(len(c) * int(c.max()) for c in lengths.split(batch_size))
+    return 1.0 - int(lengths.sum()) / total
+
+
+def random_padding(lengths: Tensor, num_minibatches: int, update_epochs: int, seed: int = 0) -> float:
+    """Share of padding if each pass were cut into minibatches at random: rows grouped by nothing
+    the actions decide (a row's length depends on them), unlike a sampler that sorts by length."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = []
+    for _ in range(update_epochs):
+        for chunk in torch.tensor_split(torch.randperm(len(lengths), generator=gen), num_minibatches):
+            mine = lengths[chunk]
+            shapes.append((len(chunk), int(mine.max()), int(mine.sum())))
+    return padding_fraction(shapes)

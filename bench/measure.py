@@ -18,7 +18,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.limit import Clock, Limit, bare_generate, bare_update
+from bench.limit import (
+    Clock,
+    Limit,
+    bare_generate,
+    bare_update,
+    padding_fraction,
+    random_padding,
+    reply_lengths,
+    score_padding_fraction,
+)
 from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.actions.generate import row_minibatch
 from llamagym_pl.agents import BlackjackAgent
@@ -94,17 +103,6 @@ class ReplayingGenerate:
         return out
 
 
-def reply_lengths(new: Tensor, eos_token_id: int | list[int] | None) -> list[int]:
-    """Each row's reply length in ``generate``'s (B, new) tokens: up to its first end-of-sequence
-    token, included (``generate`` pads the rows that finished early)."""
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    lengths = []
-    for row in new.tolist():
-        ends = [i for i, token in enumerate(row) if token in eos]
-        lengths.append(ends[0] + 1 if ends else len(row))
-    return lengths
-
-
 @dataclass
 class UpdateLog:
     ours: Clock
@@ -140,30 +138,6 @@ def run_update(
         shapes.append((*batch["input_ids"].shape, int(batch["attention_mask"].sum())))
     optimizer.zero_grad(set_to_none=True)
     return UpdateLog(ours, limit, shapes)
-
-
-def padding_fraction(shapes: list[tuple[int, int, int]]) -> float:
-    """Share of padding in (B, L, non-padding tokens) batches."""
-    total = sum(b * length for b, length, _ in shapes)
-    return 1.0 - sum(real for *_, real in shapes) / max(total, 1)
-
-
-def score_padding_fraction(lengths: Tensor, batch_size: int) -> float:
-    """Share of padding in prepare_rollout's batches (buffer order, trimmed to each batch's max)."""
-    total = sum(len(c) * int(c.max()) for c in lengths.split(batch_size))
-    return 1.0 - int(lengths.sum()) / total
-
-
-def random_padding(lengths: Tensor, num_minibatches: int, update_epochs: int, seed: int = 0) -> float:
-    """Share of padding if each pass were cut into minibatches at random: rows grouped by nothing
-    the actions decide (a row's length depends on them), unlike a sampler that sorts by length."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = []
-    for _ in range(update_epochs):
-        for chunk in torch.tensor_split(torch.randperm(len(lengths), generator=gen), num_minibatches):
-            mine = lengths[chunk]
-            shapes.append((len(chunk), int(mine.max()), int(mine.sum())))
-    return padding_fraction(shapes)
 
 
 @dataclass

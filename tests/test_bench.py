@@ -16,8 +16,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the bench scripts are not part of the installed package
 
-from bench.limit import Limit, bare_generate, bare_update, encoded_tokens, shared_prefix  # noqa: E402
-from bench.measure import random_padding, reply_lengths  # noqa: E402
+from bench.limit import (  # noqa: E402
+    Limit,
+    bare_generate,
+    bare_update,
+    encoded_tokens,
+    random_padding,
+    reply_lengths,
+    shared_prefix,
+)
 
 ROW_KEYS = {
     "model", "device", "num_envs", "env_steps_per_s", "episodes_per_s", "generated_tokens_per_s",
