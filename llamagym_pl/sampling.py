@@ -157,9 +157,10 @@ def continues_prefix(
     """
     if (
         off_policy_keys(settings)
-        or config.use_cache is False  # None: the model default, which caches
+        or config.use_cache is False  # None: transformers' default, True
         or config.cache_implementation not in (None, "dynamic")
         or config.return_dict_in_generate
+        or (config.max_new_tokens is None and config.max_length is None)  # a length we would guess
     ):
         return False
     length = config.max_length if config.max_new_tokens is None else width + config.max_new_tokens
