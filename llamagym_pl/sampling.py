@@ -15,8 +15,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
+
+from llamagym_pl.policy import lm_call_names
+from llamagym_pl.prefix_cache import encode_prefix, prefix_first, shared_prefix_length, supports_prefix_cache
 
 GENERATION_KEYS = frozenset(GenerationConfig().to_dict())
 """The settings a ``GenerationConfig`` has; any other key is a typo (``generate`` would reject it)."""
@@ -112,13 +116,52 @@ def own_generation_config(lm: nn.Module, config: GenerationConfig) -> Iterator[N
 
 
 def generate_from_settings(
-    policy: nn.Module, input_ids: Tensor, attention_mask: Tensor, **settings: Any
+    policy: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    share_prefix: bool = True,
+    **settings: Any,
 ) -> Any:
     """``policy.generate`` with exactly ``settings``: the LM's own generation config is set aside.
 
-    ``policy`` is a :class:`~llamagym_pl.policy.PolicyWithValueHead` (its ``lm`` is the causal LM).
+    ``policy`` is a :class:`~llamagym_pl.policy.PolicyWithValueHead` (its ``lm`` is the causal LM);
+    ``input_ids`` and ``attention_mask`` are left padded, ``(B, P)``. With ``share_prefix``, the
+    first tokens all prompts share (the system prompt) are encoded once and generation continues
+    from their KV cache (:mod:`llamagym_pl.prefix_cache`): the same tokens, fewer forward FLOPs.
+    It falls back to the plain call where that is not known to be exact (:func:`continues_prefix`).
     Returns what ``generate`` returns: ``(B, P + new)`` token ids unless ``settings`` ask for more.
     """
     config = build_generation_config(settings)
     with own_generation_config(policy.lm, config):
+        shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
+        if shared and continues_prefix(policy.lm, config, settings, input_ids.shape[1]):
+            ids, mask = prefix_first(input_ids, attention_mask, shared)  # (B, P) each
+            cache = encode_prefix(policy.lm, ids[:1, :shared], ids.shape[0])
+            cache_kw, _ = lm_call_names(policy.lm)
+            out = policy.generate(ids, mask, generation_config=config, **{cache_kw: cache})  # (B, P + new)
+            # The prompts as given, not as laid out for the cache: callers may read them back.
+            return torch.cat([input_ids, out[:, input_ids.shape[1] :]], 1)
         return policy.generate(input_ids, attention_mask, generation_config=config)
+
+
+def continues_prefix(
+    lm: nn.Module, config: GenerationConfig, settings: Mapping[str, Any], width: int
+) -> bool:
+    """Whether ``generate`` with ``config`` may continue a prefix cache for ``(B, width)`` prompts.
+
+    Only plain sampling or greedy decoding, one sequence per prompt, returning token ids: beams
+    and returned sequences would need the cache expanded, and a logits processor (repetition
+    penalty, n-gram ban, ...) reads the prompt ids, whose padding the cache layout moves. Then the
+    model must support it (:func:`~llamagym_pl.prefix_cache.supports_prefix_cache`).
+    """
+    if (
+        off_policy_keys(settings)
+        or config.use_cache is False  # None: transformers' default, True
+        or config.cache_implementation not in (None, "dynamic")
+        or config.return_dict_in_generate
+        or (config.max_new_tokens is None and config.max_length is None)  # a length we would guess
+    ):
+        return False
+    length = config.max_length if config.max_new_tokens is None else width + config.max_new_tokens
+    return supports_prefix_cache(lm, length)

@@ -31,11 +31,17 @@ class GenerateStyle:
     which training only accepts off, or a logits processor for an off-policy imperative loop);
     they, ``max_new_tokens`` and ``temperature`` are all that generation uses: the model's own
     ``generation_config.json`` is set aside. Greedy replies drop the sampling settings.
+    ``share_prefix``: the prefix all prompts of a batch share (the system prompt) is encoded once,
+    its KV cache reused by every row (the same replies; off only to compare, see
+    :func:`~llamagym_pl.sampling.generate_from_settings`).
     """
 
-    def __init__(self, max_new_tokens: int = 8, temperature: float = 1.0, **settings: Any) -> None:
+    def __init__(
+        self, max_new_tokens: int = 8, temperature: float = 1.0, *, share_prefix: bool = True, **settings: Any
+    ) -> None:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.share_prefix = share_prefix
         self.sampling = {
             "do_sample": True,
             **settings,
@@ -51,7 +57,8 @@ class GenerateStyle:
     def reply(
         self, policy: Policy, tokenizer: Any, prompts: Sequence[Prompt], states: Sequence[State], greedy: bool
     ) -> list[Reply]:
-        """One batched ``generate`` for ``prompts`` (left padded).
+        """One batched ``generate`` for ``prompts`` (left padded), their shared prefix encoded once
+        (with ``share_prefix``).
 
         A reply is the sampled token ids up to the first end-of-sequence token (kept when
         sampled); its text is those ids decoded without special tokens, stripped.
@@ -67,7 +74,11 @@ class GenerateStyle:
         ids_of = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
         # Not policy.generate: the checkpoint's own generation settings stay out.
         out = generate_from_settings(
-            policy, input_ids.to(device), attention_mask.to(device), **ids_of | settings
+            policy,
+            input_ids.to(device),
+            attention_mask.to(device),
+            share_prefix=self.share_prefix,
+            **ids_of | settings,
         )
         new = out[:, input_ids.shape[1] :].cpu()  # (B, new)
         replies = [cut_at_eos(row, tokenizer.eos_token_id) for row in new.tolist()]

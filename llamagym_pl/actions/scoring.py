@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from llamagym_pl import ppo
 from llamagym_pl.actions.candidates import candidate_batch
 from llamagym_pl.policy import lm_call_names
+from llamagym_pl.prefix_cache import shared_prefix_length
 from llamagym_pl.spans import EncodedCandidates
 
 
@@ -64,19 +65,6 @@ def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     if _checkpointing(policy.lm) and policy.training and torch.is_grad_enabled():
         return _row_forward(policy, batch)
     return _cached_forward(policy, batch)
-
-
-def shared_prefix_length(ids: Tensor, mask: Tensor) -> int:
-    """How many first tokens all N >= 2 left-padded prompts share (typically the system prompt),
-    at most the shortest prompt's length minus one: every prompt keeps a token of its own, where
-    its last logits and value are read. 0 for a single prompt."""
-    lengths = mask.sum(1)  # (N,)
-    k = int(lengths.min()) - 1
-    if ids.shape[0] < 2 or k < 1:
-        return 0
-    cols = (ids.shape[1] - lengths)[:, None] + torch.arange(k, device=ids.device)  # (N, k)
-    heads = ids.gather(1, cols)  # the first k real tokens of each prompt
-    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
 
 
 def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

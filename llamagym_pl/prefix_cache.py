@@ -1,0 +1,124 @@
+"""The prompt prefix a batch shares (typically the system prompt), encoded once.
+
+Every prompt of a rollout step usually starts with the same system prompt. A left-padded batch
+runs it once per row; instead it runs once, as one ``(1, c)`` forward, and its KV cache rows are
+repeated for the batch. Score mode then scores the rest of each prompt on that cache
+(:mod:`llamagym_pl.actions.scoring`); generate mode hands it to Hugging Face ``generate``
+(:func:`llamagym_pl.sampling.generate_from_settings`), which continues from it:
+
+- given a cache, ``generate`` runs only the columns past its length (``GenerationMixin._prefill``);
+- it computes position ids from the attention mask (cumsum - 1), and the causal mask from the
+  cache length and the 2D mask, so padding may sit anywhere.
+
+So the batch is laid out ``[prefix | padding | rest]`` (:func:`prefix_first`), the mask 1 on the
+prefix, 0 on the padding, 1 on each row's rest: every real token keeps its position and attends
+to the same tokens as in the left-padded batch, and the replies are the same tokens. The logits
+agree up to float rounding (other matmul shapes), as they do between batch sizes anyway.
+Architectures where this does not hold fall back to the plain call (:func:`supports_prefix_cache`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, GenerationMixin
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+from llamagym_pl.policy import lm_call_names
+
+WINDOWED_LAYERS = frozenset({"sliding_attention", "chunked_attention"})
+"""Layers that see a window of cache *columns*: with the padding moved to the middle a window would
+hold other tokens, so they are exact only when the window covers the whole sequence."""
+
+EXACT_ATTENTION = frozenset({"eager", "sdpa"})
+"""Attention kernels whose masked (mid-sequence) padding is tested exact; others fall back."""
+
+
+def shared_prefix_length(ids: Tensor, mask: Tensor) -> int:
+    """How many first tokens all N >= 2 left-padded prompts share (typically the system prompt),
+    at most the shortest prompt's length minus one: every prompt keeps a token of its own, where
+    its last logits and value are read. 0 for a single prompt."""
+    lengths = mask.sum(1)  # (N,)
+    k = int(lengths.min()) - 1
+    if ids.shape[0] < 2 or k < 1:
+        return 0
+    cols = (ids.shape[1] - lengths)[:, None] + torch.arange(k, device=ids.device)  # (N, k)
+    heads = ids.gather(1, cols)  # the first k real tokens of each prompt
+    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+
+
+def prefix_first(ids: Tensor, mask: Tensor, shared: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ``(N, P)`` prompts that share their first ``shared`` tokens, laid out
+    ``[prefix | padding | rest]``: the same width, each row's last token still in the last column.
+
+    Left padded, each prompt's rest is its last ``length - shared`` columns and its padding the
+    first ``P - length``: the rest is ``ids[:, shared:]`` where ``mask[:, :P - shared]`` is 1, and
+    the padding keeps the pad ids of ``ids[:, :P - shared]``.
+    """
+    n, p = ids.shape
+    first = p - int(mask[0].sum())  # where row 0's prompt starts
+    prefix = ids[:1, first : first + shared].expand(n, shared)  # (N, c)
+    rest_mask = mask[:, : p - shared]  # (N, P - c)
+    rest = torch.where(rest_mask.bool(), ids[:, shared:], ids[:, : p - shared])  # (N, P - c)
+    return torch.cat([prefix, rest], 1), torch.cat([mask.new_ones(n, shared), rest_mask], 1)
+
+
+@torch.no_grad()
+def encode_prefix(lm: nn.Module, prefix: Tensor, n: int) -> DynamicCache:
+    """The KV cache of ``prefix`` ``(1, c)``, run once and repeated for ``n`` rows.
+
+    The cache is built from the model config, as ``generate`` builds its own (sliding layers
+    included), so generation continues on the cache it would have made.
+    """
+    cache_kw, keep_kw = lm_call_names(lm)
+    cache = DynamicCache(config=_base(lm).config)
+    lm(
+        input_ids=prefix,
+        attention_mask=torch.ones_like(prefix),
+        position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None],
+        use_cache=True,
+        **{cache_kw: cache, **({keep_kw: 1} if keep_kw else {})},
+    )
+    cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=prefix.device))  # (1, ...) -> (n, ...)
+    return cache
+
+
+def supports_prefix_cache(lm: nn.Module, length: int) -> bool:
+    """Whether ``generate`` on ``lm`` continues a prefix cache exactly, for sequences of at most
+    ``length`` tokens (prompt and reply). False, so the plain call runs, for anything untested:
+
+    - peft prompt learning (its virtual tokens are a cache of their own), encoder-decoders, models
+      without a dynamic cache (state-space, xlnet ...) or without ``position_ids`` (their positions
+      would count the moved padding), or whose ``prepare_inputs_for_generation`` is their own;
+    - attention kernels other than eager and sdpa;
+    - layers that are not plain attention (linear, convolutional, shared KV), and sliding or
+      chunked ones whose window is shorter than ``length``: it would hold other columns.
+    """
+    peft_config = getattr(lm, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    base = _base(lm)
+    config = base.config.get_text_config(decoder=True)
+    if (
+        base.config.is_encoder_decoder
+        or not isinstance(base, GenerationMixin)
+        or not base._supports_default_dynamic_cache()
+        or "position_ids" not in inspect.signature(base.forward).parameters
+        or type(base).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation
+        or getattr(config, "_attn_implementation", None) not in EXACT_ATTENTION
+    ):
+        return False
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    for kind, kwargs in zip(layer_types, layer_kwargs, strict=True):
+        if kind in WINDOWED_LAYERS and kwargs["sliding_window"] < length:
+            return False
+        if kind != "full_attention" and kind not in WINDOWED_LAYERS:
+            return False
+    return True
+
+
+def _base(lm: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (``lm`` itself otherwise)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
