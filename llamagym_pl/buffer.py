@@ -31,7 +31,8 @@ Layout (R rows, L tokens; E episodes, T turns):
   ``old_logprobs[r, i]`` is log p(token i | tokens < i); scored actions: (N,) per turn),
   ``old_values``/``advantages``/``returns`` (E, T), and ``pg_advantages`` (E, T): the advantages
   the policy loss uses, normalized once over the whole rollout (all DDP ranks), never per
-  minibatch (minibatches group rows by length, and a row's length depends on the actions taken).
+  minibatch (a row's length depends on the actions taken, so any grouping by length would make a
+  minibatch mean an action-dependent baseline).
 
 What the DataModule hands the module each epoch, the buffer with its statistics and the style
 that scores its actions, is :class:`~llamagym_pl.actions.base.Rollout`.
@@ -247,8 +248,9 @@ class MinibatchSampler(Sampler[list[int]]):
     ``lengths`` are the rows' token lengths (:attr:`RolloutBuffer.train_lengths`: one row per
     episode, or per run of turns under a prompt budget). The count of minibatches is fixed
     whatever the number of rows, so every DDP rank takes the same number of optimizer steps.
-    Within a pass, rows of similar length go together (shuffle, then sort each chunk of
-    ``num_minibatches`` neighbours... see ``_pass``) to keep padding low.
+    Minibatches are drawn at random, never grouped by length: a row's length depends on the
+    actions taken (reply lengths, turns), so a length grouping is an action-dependent one.
+    Padding is kept low inside a minibatch instead (:func:`length_groups`).
     """
 
     def __init__(self, lengths: Tensor, num_minibatches: int, update_epochs: int, seed: int) -> None:
@@ -273,9 +275,37 @@ class MinibatchSampler(Sampler[list[int]]):
             yield from self._pass(gen)
 
     def _pass(self, gen: torch.Generator) -> list[list[int]]:
-        # Sort by length with random tie-breaking, deal into contiguous chunks (similar lengths
-        # share a minibatch: little padding), then shuffle the order of the chunks.
         perm = torch.randperm(len(self.lengths), generator=gen)
-        order = perm[torch.argsort(self.lengths[perm], stable=True)]
-        chunks = [c.tolist() for c in torch.tensor_split(order, self.num_minibatches)]
-        return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+        return [chunk.tolist() for chunk in torch.tensor_split(perm, self.num_minibatches)]
+
+
+MAX_PADDING = 0.10
+"""The largest share of padding tokens :func:`length_groups` lets into one forward."""
+
+
+def length_groups(lengths: Sequence[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Split one minibatch into forwards of similar length: positions into ``lengths``, sorted by
+    length, cut wherever padding to the group's longest would exceed ``max_padding`` of its tokens.
+
+    The loss still averages the whole minibatch (:func:`llamagym_pl.update.minibatch_loss`
+    concatenates the groups' terms), so the gradient is the random minibatch's; only the padding
+    goes. Blackjack rows come in four lengths (1-4 turns): one forward over all of them is ~25%
+    padding.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        group = groups[-1] if groups else None
+        # Sorted ascending: row i is the longest of its group, so the group pads to its length.
+        if (
+            group is not None
+            and (len(group) + 1) * lengths[i] - (total + lengths[i])
+            <= max_padding * (len(group) + 1) * lengths[i]
+        ):
+            group.append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups

@@ -241,7 +241,7 @@ class ImperativeTrainer:
         self.policy.train()
         try:
             for index in sampler:
-                batch = {k: v.to(self.device) for k, v in dataset[index].items()}
+                batch = [{k: v.to(self.device) for k, v in part.items()} for part in dataset[index]]
                 loss, metrics = minibatch_loss(
                     self.style, self.policy, batch, cfg.clip_coef, cfg.clip_vloss, cfg.vf_coef, cfg.ent_coef
                 )

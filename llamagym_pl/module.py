@@ -23,7 +23,7 @@ from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.loading import LoadOptions, Quantization, build_policy, load_tokenizer
 from llamagym_pl.policy import drop_frozen, fill_frozen
 from llamagym_pl.stats import RolloutStats, metrics_from_totals, rollout_totals
-from llamagym_pl.update import make_optimizer, minibatch_loss, prepare_rollout
+from llamagym_pl.update import Minibatch, make_optimizer, minibatch_loss, minibatch_size, prepare_rollout
 
 
 class PPOModule(L.LightningModule):
@@ -50,8 +50,8 @@ class PPOModule(L.LightningModule):
         max_grad_norm: gradient norm clip.
         target_kl: stop this epoch's remaining updates once approx-KL exceeds it (None: never).
         norm_adv: normalize advantages to zero mean and unit variance, once per rollout over every
-            turn of every DDP rank (not per minibatch: minibatches group rows by length, which
-            depends on the actions taken).
+            turn of every DDP rank (not per minibatch: a per-minibatch mean is an action-dependent
+            baseline wherever minibatches depend on lengths, which depend on the actions).
         prepare_batch_size: episode rows (score mode: turns) per forward pass of the preparation
             pass (old log-probs, values), no grad.
         quantization: ``none``, ``4bit`` (NF4, QLoRA) or ``8bit`` base weights via bitsandbytes;
@@ -194,7 +194,7 @@ class PPOModule(L.LightningModule):
                     logger.experiment.add_text(f"transcripts/{i}", text, self.global_step)
 
     # ----------------------------------------------------------------- PPO update
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Minibatch, batch_idx: int) -> Tensor | None:
         if self._stop_epoch:
             return None  # target_kl reached: Lightning skips backward and the optimizer step
         hp = self.hparams
@@ -208,7 +208,7 @@ class PPOModule(L.LightningModule):
         approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and self._any_rank(bool(approx_kl > hp.target_kl)):
             self._stop_epoch = True
-        size = len(batch["old_values"])  # rows, or turns
+        size = minibatch_size(batch)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss

@@ -78,11 +78,12 @@ def prepare_rollout(
 def normalized_advantages(advantages: Tensor, mask: Tensor, norm_adv: bool, reduce: Reduce | None) -> Tensor:
     """Advantages whitened over every turn of the rollout (of all ranks, with ``reduce``).
 
-    Once per rollout and per turn, not per minibatch (CleanRL's per-minibatch whitening): our
-    minibatches group rows of similar length, and a row's length depends on the actions taken
-    (reply length, number of turns), so a per-minibatch mean would be an action-dependent
-    baseline. Eight one-turn episodes, short replies +1 and long ones -1, sorted into two
-    minibatches, whitened to exactly 0: no policy gradient at all.
+    Once per rollout and per turn, not per minibatch (CleanRL's per-minibatch whitening): a
+    minibatch is a sample of the rollout, and whenever its composition depends on the actions
+    (grouped by length, as ours once were, and a row's length depends on the reply lengths and
+    turns) a per-minibatch mean is an action-dependent baseline. Eight one-turn episodes, short
+    replies +1 and long ones -1, sorted into two minibatches, whitened to exactly 0: no policy
+    gradient at all.
     """
     if not norm_adv:
         return advantages * mask
@@ -92,10 +93,15 @@ def normalized_advantages(advantages: Tensor, mask: Tensor, norm_adv: bool, redu
     return ppo.whiten_with_moments(advantages, mask, moments)
 
 
+Minibatch = dict[str, Tensor] | list[dict[str, Tensor]]
+"""One minibatch of ``style.minibatch`` tensors, or a list of its forwards (units of similar
+length, :func:`~llamagym_pl.buffer.length_groups`)."""
+
+
 def minibatch_loss(
     style: ActionStyle,
     policy: PolicyWithValueHead,
-    batch: dict[str, Tensor],
+    batch: Minibatch,
     clip_coef: float,
     clip_vloss: bool,
     vf_coef: float,
@@ -104,22 +110,33 @@ def minibatch_loss(
     """The clipped-PPO loss of one minibatch (``style.minibatch``) and its detached diagnostics:
     the style's new log-probs, entropies and values (:meth:`~llamagym_pl.actions.ActionStyle.logprobs`)
     in :func:`llamagym_pl.ppo.ppo_objective`. Only actions enter the policy and entropy terms,
-    only turn values the value term."""
-    terms = style.logprobs(policy, batch)
+    only turn values the value term.
+
+    A minibatch given as several forwards is one loss: their actions and turns are concatenated
+    before the objective averages them, so the loss equals one forward over the whole minibatch.
+    """
+    parts = [batch] if isinstance(batch, dict) else batch
+    terms = [style.logprobs(policy, part) for part in parts]
+    turns = [part["turn_mask"] for part in parts]
     return ppo.ppo_objective(
-        terms.logprobs,
-        terms.old_logprobs,
-        terms.advantages,
-        terms.entropy,
-        terms.values,
-        batch["old_values"],
-        batch["returns"],
-        batch["turn_mask"],
+        torch.cat([t.logprobs for t in terms]),
+        torch.cat([t.old_logprobs for t in terms]),
+        torch.cat([t.advantages for t in terms]),
+        torch.cat([t.entropy for t in terms]),
+        torch.cat([t.values[m] for t, m in zip(terms, turns, strict=True)]),
+        torch.cat([part["old_values"][m] for part, m in zip(parts, turns, strict=True)]),
+        torch.cat([part["returns"][m] for part, m in zip(parts, turns, strict=True)]),
+        torch.cat([m[m] for m in turns]),
         clip_coef,
         clip_vloss,
         vf_coef,
         ent_coef,
     )
+
+
+def minibatch_size(batch: Minibatch) -> int:
+    """How many training units (rows, or turns) a minibatch holds."""
+    return sum(len(part["old_values"]) for part in ([batch] if isinstance(batch, dict) else batch))
 
 
 def make_optimizer(

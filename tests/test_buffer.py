@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from llamagym_pl import ppo
 from llamagym_pl.actions.generate import GenerateStyle
 from llamagym_pl.actions.generate import row_minibatch as minibatch
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
+from llamagym_pl.buffer import MAX_PADDING, MinibatchSampler, RolloutBuffer, build_buffer, length_groups
 from llamagym_pl.episode import Episode
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.update import prepare_rollout
@@ -99,11 +99,38 @@ def test_sampler_yields_permutations_of_all_episodes() -> None:
         one_pass = batches[3 * p : 3 * p + 3]
         assert sorted(i for mb in one_pass for i in mb) == list(range(len(LENGTHS)))
         assert sorted(len(mb) for mb in one_pass) == [3, 3, 4]
-        # Episodes of similar length share a minibatch: the chunks do not overlap in length.
-        spans = sorted((int(LENGTHS[mb].min()), int(LENGTHS[mb].max())) for mb in one_pass)
-        assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:], strict=False))
     # The two passes are shuffled differently.
     assert batches[:3] != batches[3:]
+
+
+def test_sampler_never_groups_by_length() -> None:
+    """A row's length depends on the actions taken: minibatches must not (issue #15)."""
+    reversed_lengths = LENGTHS.flip(0)
+    draw = lambda lengths: list(MinibatchSampler(lengths, num_minibatches=3, update_epochs=2, seed=5))  # noqa: E731
+    assert draw(LENGTHS) == draw(reversed_lengths) == draw(torch.zeros_like(LENGTHS))
+
+
+def test_length_groups_by_hand() -> None:
+    # Blackjack-like rows of 1-4 turns. Sorted: 33 33 33 | 56 56 | 79 | 102 -- adding 56 to the
+    # 33s would pad (4 * 56 - 155) / 224 = 31%, 79 to the 56s 19%, 102 to the 79 11% > 10%.
+    lengths = [33, 56, 33, 79, 102, 56, 33]
+    assert length_groups(lengths) == [[0, 2, 6], [1, 5], [3], [4]]
+    # At 30%: 56 56 79 102 pad (408 - 293) / 408 = 28%.
+    assert length_groups(lengths, max_padding=0.3) == [[0, 2, 6], [1, 5, 3, 4]]
+    assert length_groups([7]) == [[0]]
+
+
+def test_length_groups_cover_the_minibatch_within_the_padding_bound() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(
+            1, 200, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen
+        ).tolist()
+        groups = length_groups(lengths)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            longest, total = max(lengths[i] for i in g), sum(lengths[i] for i in g)
+            assert len(g) * longest - total <= MAX_PADDING * len(g) * longest + 1e-9
 
 
 def test_sampler_is_deterministic_per_seed() -> None:

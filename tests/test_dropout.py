@@ -105,6 +105,17 @@ def test_disable_dropout_zeroes_gpt2_dropout_layers_and_config() -> None:
     torch.testing.assert_close(train_logits(lm, 0), eval_logits(lm), rtol=0, atol=0)
 
 
+RATIO_ONE_KL = 1e-9
+"""``train/approx_kl`` at ratio 1: 0 up to float rounding, since forwards of different batch shapes
+(a minibatch's length groups against the preparation's chunks) round differently. Dropout left on
+in the update gave 3.9e-4."""
+
+
+def at_ratio_one(points: list[tuple[float, float]]) -> bool:
+    """Both epochs' first minibatch at ratio 1: no approx-KL beyond rounding, nothing clipped."""
+    return len(points) == 2 and all(abs(kl) < RATIO_ONE_KL and frac == 0.0 for kl, frac in points)
+
+
 def first_minibatches(model_dir: Path, out: Path, *extra: str) -> list[tuple[float, float]]:
     """``(approx_kl, clipfrac)`` of each epoch of a two-epoch fit with one minibatch and one update
     epoch: each epoch's one step sees its whole rollout, scored before any optimizer step. Two
@@ -120,7 +131,7 @@ def first_minibatches(model_dir: Path, out: Path, *extra: str) -> list[tuple[flo
 def test_ratio_is_exactly_one_before_the_first_update_with_lora_dropout(
     tiny_model_dir: Path, tmp_path: Path, policy: str
 ) -> None:
-    assert first_minibatches(tiny_model_dir, tmp_path, "--data.policy", policy, *LORA) == [(0.0, 0.0)] * 2
+    assert at_ratio_one(first_minibatches(tiny_model_dir, tmp_path, "--data.policy", policy, *LORA))
 
 
 @pytest.mark.parametrize("policy", ["generate", "score"])
@@ -131,7 +142,7 @@ def test_ratio_is_exactly_one_before_the_first_update_with_gpt2_dropouts(
     assert config.resid_pdrop == config.attn_pdrop == config.embd_pdrop == 0.1  # the case under test
     # The test tokenizer spells every space and word: a Blackjack prompt is ~51 tokens.
     budget = ("--data.max_prompt_tokens", "128")
-    assert first_minibatches(gpt2_dir, tmp_path, "--data.policy", policy, *budget) == [(0.0, 0.0)] * 2
+    assert at_ratio_one(first_minibatches(gpt2_dir, tmp_path, "--data.policy", policy, *budget))
 
 
 def imperative_approx_kl(model: object, tokenizer: PreTrainedTokenizerBase) -> list[float]:

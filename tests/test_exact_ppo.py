@@ -17,7 +17,7 @@ from llamagym_pl.actions.candidates import candidate_minibatch, turn_distributio
 from llamagym_pl.actions.generate import cut_at_eos, row_minibatch
 from llamagym_pl.actions.scoring import candidate_forward
 from llamagym_pl.agents import BlackjackAgent
-from llamagym_pl.buffer import MinibatchSampler, build_buffer
+from llamagym_pl.buffer import build_buffer
 from llamagym_pl.episode import Episode
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.policy import PolicyWithValueHead
@@ -71,10 +71,11 @@ def test_advantages_are_normalized_once_per_rollout_not_per_length_sorted_miniba
     # +-1 / sqrt(8 / 7) (unbiased variance 8 / 7).
     expected = torch.tensor([1.0, -1.0] * 4) / math.sqrt(8 / 7)
     torch.testing.assert_close(buf.pg_advantages[:, 0], expected, rtol=1e-5, atol=1e-5)
-    sampler = MinibatchSampler(buf.train_lengths, num_minibatches=2, update_epochs=1, seed=0)
-    for index in sampler:
+    # The two length-sorted halves, as the sampler once drew them: each holds one reward.
+    order = torch.argsort(buf.train_lengths, stable=True).tolist()
+    for index in (order[:4], order[4:]):
         rewards = buf.rewards[index, 0]
-        assert len(set(rewards.tolist())) == 1, "the sampler groups rows by length"
+        assert len(set(rewards.tolist())) == 1, "each half holds one reply length"
         _, metrics = minibatch_loss(style, tiny_policy.eval(), row_minibatch(buf, index), 0.2, True, 0.5, 0.0)
         # At ratio 1 the policy loss is minus the mean token advantage: -(+-0.935), not 0.
         sign = float(rewards[0])

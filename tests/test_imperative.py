@@ -395,7 +395,8 @@ def test_score_mode_replies_are_candidates_and_train_at_ratio_one(tiny_model_dir
         assert ep.responses == [c[k] for c, k in zip(ep.candidates, ep.chosen, strict=True)]
         assert ep.actions == ep.chosen and not any(ep.invalid)  # a name plays its index
         assert ep.response_ids == [ids[k] for ids, k in zip(ep.candidate_ids, ep.chosen, strict=True)]
-    assert stats["train/approx_kl"] == 0.0 and stats["train/clipfrac"] == 0.0
+    # 0 up to rounding: the loss runs the turns in forwards of other shapes than the preparation.
+    assert abs(stats["train/approx_kl"]) < 1e-9 and stats["train/clipfrac"] == 0.0
     assert 0 < stats["rollout/candidate_entropy"] <= math.log(2) + 1e-6
     assert 0 < stats["train/entropy"] <= math.log(2) + 1e-6
 

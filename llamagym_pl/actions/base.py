@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from llamagym_pl.buffer import RolloutBuffer
+from llamagym_pl.buffer import RolloutBuffer, length_groups
 from llamagym_pl.chat import Message
 from llamagym_pl.episode import Episode, Reply
 from llamagym_pl.kl import ReferencePolicy
@@ -123,7 +123,8 @@ def read_rows(
 
 class RolloutDataset(Dataset):
     """Index access to a prepared buffer: an item is a whole minibatch of the style's training units
-    (rows or turns), as :class:`MinibatchSampler` draws their indices."""
+    (rows or turns), as :class:`~llamagym_pl.buffer.MinibatchSampler` draws their indices, as a
+    list of forwards over units of similar length (:func:`~llamagym_pl.buffer.length_groups`)."""
 
     def __init__(self, buffer: RolloutBuffer, style: ActionStyle) -> None:
         self.buffer = buffer
@@ -132,10 +133,11 @@ class RolloutDataset(Dataset):
     def __len__(self) -> int:
         return len(self.buffer.train_lengths)
 
-    def __getitem__(self, index: list[int]) -> dict[str, Tensor]:
+    def __getitem__(self, index: list[int]) -> list[dict[str, Tensor]]:
         if not self.buffer.prepared:
             raise RuntimeError("the rollout buffer must be prepared (old log-probs, advantages) first")
-        return self.style.minibatch(self.buffer, index)
+        lengths = self.buffer.train_lengths[index].tolist()
+        return [self.style.minibatch(self.buffer, [index[i] for i in g]) for g in length_groups(lengths)]
 
 
 @dataclass

@@ -136,7 +136,7 @@ class CandidateTurns:
     first_row: Tensor  # (N,)
     num_candidates: Tensor  # (N,)
     chosen: Tensor  # (N,) index of the played candidate
-    lengths: Tensor  # (N,) prompt + longest candidate (minibatches group similar lengths)
+    lengths: Tensor  # (N,) prompt + longest candidate (a minibatch's forwards group similar lengths)
     turn_episode: Tensor  # (N,)
     turn_step: Tensor  # (N,)
 
