@@ -28,8 +28,7 @@ from bench.limit import (
     reply_lengths,
     score_padding_fraction,
 )
-from llamagym_pl.actions import GenerateStyle
-from llamagym_pl.actions.generate import row_minibatch
+from llamagym_pl.actions import GenerateStyle, RolloutDataset
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
 from llamagym_pl.policy import PolicyWithValueHead
@@ -125,17 +124,21 @@ def run_update(
     num_minibatches = min(setting.num_minibatches, len(buf))  # one env may finish few episodes
     sampler = MinibatchSampler(buf.train_lengths, num_minibatches, setting.update_epochs, seed=0)
     ours, limit, shapes = Clock(device), Limit.on(device), []
+    style = GenerateStyle()
+    dataset = RolloutDataset(buf, style)
     policy.train()
     for index in islice(sampler, setting.max_update_steps):
         with ours:
-            batch = {k: v.to(device) for k, v in row_minibatch(buf, index).items()}
-            loss, _ = minibatch_loss(GenerateStyle(), policy, batch, CLIP_COEF, True, VF_COEF, 0.0)
+            # As the DataModule hands it over: a random minibatch as forwards of similar length.
+            parts = [{k: v.to(device) for k, v in part.items()} for part in dataset[index]]
+            loss, _ = minibatch_loss(style, policy, parts, CLIP_COEF, True, VF_COEF, 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
-        bare_update(policy.lm, batch["input_ids"], batch["attention_mask"], batch["action_mask"], limit)
-        shapes.append((*batch["input_ids"].shape, int(batch["attention_mask"].sum())))
+        for part in parts:
+            bare_update(policy.lm, part["input_ids"], part["attention_mask"], part["action_mask"], limit)
+            shapes.append((*part["input_ids"].shape, int(part["attention_mask"].sum())))
     optimizer.zero_grad(set_to_none=True)
     return UpdateLog(ours, limit, shapes)
 
