@@ -9,9 +9,10 @@ other's result and the report:
 - ``pytest_gpu``: ``pytest -m gpu`` (FSDP through the CLI, ``tests/test_fsdp_gpu.py``).
 
 Writes ``DIR/gpu_check.json`` and ``DIR/gpu_check.txt`` (each part's log beside them) after each
-part, prints the report, and exits 1 naming the parts that failed. About 5 minutes on one
-H100/H200, 10 at most (each part has a time limit). ``--dry-run``: the CPU, tiny shapes,
-stand-in peaks, the gpu tests only collected; well under a minute.
+part, prints the report, and exits 1 naming the parts that failed. The parts' time limits
+(``--bench-timeout`` 210 s, ``--tests-timeout`` 300 s) keep it under 10 minutes; on one H100/H200
+it should take about 5 (an estimate: no GPU run has been made yet). ``--dry-run``: the CPU, tiny
+shapes, stand-in peaks, the gpu tests only collected; under a minute.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def bench_part(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("bandwidth_gbs", "peak_tflops", "num_envs", "steps_per_env", "max_new_tokens"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    out.unlink(missing_ok=True)  # never a previous run's row
     rc, seconds = run_logged(cmd, log, args.bench_timeout)
     row = json.loads(out.read_text()) if out.exists() else {}
     if row.get("complete"):
@@ -118,6 +120,7 @@ def junit_tests(xml: Path) -> list[dict[str, Any]]:
                 outcome = {"failure": "failed"}.get(tag, tag)
                 message = node.get("message", "")
                 break
+        # Module-level tests (ours): classname "tests.test_fsdp_gpu" is the file.
         test_id = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
         tests.append(
             {"id": test_id, "outcome": outcome, "seconds": float(case.get("time", 0)), "message": message}
@@ -130,6 +133,7 @@ def pytest_part(args: argparse.Namespace) -> dict[str, Any]:
     log, xml = args.out / "pytest_gpu.log", args.out / "pytest_gpu.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "tests"]
     cmd += ["--collect-only", "-q"] if args.dry_run else ["-rA", f"--junitxml={xml}"]
+    xml.unlink(missing_ok=True)  # never a previous run's results
     rc, seconds = run_logged(cmd, log, args.tests_timeout)
     part: dict[str, Any] = {"rc": rc, "seconds": seconds, "log": log.name, "command": cmd[1:]}
     if args.dry_run:
@@ -266,8 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, help="the bench row's reply length (default 32)")
     p.add_argument("--skip-bench", action="store_true", help="only the tests")
     p.add_argument("--skip-tests", action="store_true", help="only the bench row")
-    p.add_argument("--bench-timeout", type=float, default=240.0, help="seconds (default 240)")
-    p.add_argument("--tests-timeout", type=float, default=330.0, help="seconds (default 330)")
+    p.add_argument("--bench-timeout", type=float, default=210.0, help="seconds (default 210)")
+    p.add_argument("--tests-timeout", type=float, default=300.0, help="seconds (default 300)")
     return p.parse_args(argv)
 
 

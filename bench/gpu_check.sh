@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue #15's GPU check in one command, on one CUDA GPU (about 5 minutes on an H100/H200, 10 at
-# most): the CUDA tests (pytest -m gpu) and a CUDA bench row (a random Qwen2.5-0.5B-shaped policy,
-# LoRA in bf16, on our rollout and update code: decode tokens/s against the HBM-bandwidth bound,
-# MFU, peak GPU memory). Writes gpu_check.json, gpu_check.txt and the parts' logs into --out,
-# and exits non-zero naming the parts that failed.
+# Issue #15's GPU check in one command, on one CUDA GPU: the CUDA tests (pytest -m gpu) and a CUDA
+# bench row (a random Qwen2.5-0.5B-shaped policy, LoRA in bf16, on our rollout and update code:
+# decode tokens/s against the HBM-bandwidth bound, MFU, peak GPU memory). Writes gpu_check.json,
+# gpu_check.txt and the parts' logs into --out, and exits non-zero naming the parts that failed.
+# Under 10 minutes (each part has a time limit); about 5 expected on an H100/H200, not measured yet.
 #
 #   bash bench/gpu_check.sh --out gpu_check_out               # on the GPU machine
 #   bash bench/gpu_check.sh --dry-run --out /tmp/gpu_check    # any CPU: tiny shapes, stand-in peaks

@@ -45,8 +45,9 @@ SPECS = (
     Spec("B200", r"\bB200\b", 8000, 2250, 148, 180),
 )
 
-# Dense fp16/bf16 tensor-core FMAs per cycle per SM, by compute capability (datacenter parts; the
-# same numbers torch.cuda's GPULimits uses): the fallback for a device missing from SPECS.
+# Dense fp16/bf16 tensor-core FMAs per cycle per SM, by compute capability: the fallback for a device
+# missing from SPECS. 80, 90, 100 as torch.cuda's GPULimits; 86 and 89 (A10, L4, L40S: datacenter
+# parts) from their sheets' dense bf16 TFLOP/s / (SMs x 2 x boost clock).
 BF16_FMA_PER_CYCLE_PER_SM = {80: 1024, 86: 512, 89: 512, 90: 2048, 100: 4096}
 
 DRY_RUN_PEAKS = (20.0, 0.2)  # GB/s, TFLOP/s: round stand-ins for a CPU, not measured

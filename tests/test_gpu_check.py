@@ -38,6 +38,7 @@ def _check(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # two subprocesses: the bench row and the gpu tests' collection, ~30 s
 def test_dry_run_writes_the_json_and_the_report(tmp_path: Path) -> None:
     proc = _check(tmp_path, "--dry-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,6 +70,7 @@ def test_dry_run_writes_the_json_and_the_report(tmp_path: Path) -> None:
     assert {"bench_row.log", "bench_row.json", "pytest_gpu.log"} <= {p.name for p in tmp_path.iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA this would run the real check")
 def test_without_cuda_the_check_fails_and_names_its_parts(tmp_path: Path) -> None:
     proc = _check(tmp_path)
