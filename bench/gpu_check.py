@@ -209,19 +209,21 @@ def row_lines(row: dict[str, Any]) -> list[str]:
 def format_report(result: dict[str, Any]) -> str:
     """The short text report: a header, one verdict per part with its numbers, the result."""
     env = result.get("env") or {}
+    device = f"{env['device_name']} x{env['device_count']}" if env.get("device_name") else "no CUDA device"
     mode = (
         "DRY RUN (CPU, tiny shapes, stand-in peaks: the ratios mean nothing)" if result["dry_run"] else "CUDA"
     )
     lines = [
         f"llamagym_pl GPU check (issue #15): {mode}",
         f"commit {result['commit']}, {result['started']}, {result.get('wall_s', 0):.0f} s",
-        f"device: {env.get('device_name') or 'no CUDA device'} x{env.get('device_count', 0)}; torch "
+        f"device: {device}; torch "
         f"{env.get('torch')} (CUDA {env.get('torch_cuda') or 'none: a CPU build'}), transformers "
         f"{env.get('transformers')}, peft {env.get('peft')}",
     ]
     for name, part in result["parts"].items():
         verdict = "PASS" if part["ok"] else "FAIL"
-        lines.append(f"{verdict} {name} ({part.get('seconds', 0):.0f} s, log {part.get('log')})")
+        ran = f" ({part['seconds']:.0f} s, log {part['log']})" if "log" in part else ""
+        lines.append(f"{verdict} {name}{ran}")
         if part.get("error"):
             lines.append(f"  error: {part['error']}")
         if name == "bench_row" and part.get("complete"):

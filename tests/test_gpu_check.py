@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.gpu_check import check_row, junit_tests  # noqa: E402
+from bench.gpu_check import check_row, junit_tests, run_logged  # noqa: E402
 from bench.gpu_limits import (  # noqa: E402
     ModelWork,
     decode_bytes,
@@ -229,3 +230,25 @@ def test_junit_outcomes(tmp_path: Path) -> None:
         ("tests/test_fsdp_gpu.py::test_c", "failed", "boom"),
     ]
     assert tests[0]["seconds"] == 12.5
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, killed but not yet reaped by a PID 1 that may never reap, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_a_part_past_its_time_limit_is_killed_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    cmd = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]  # a child, as pytest's fit runs
+    rc, seconds = run_logged(cmd, tmp_path / "log", timeout=1.0)
+    assert rc is None and seconds < 30
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), f"the part's child process {child} outlived the part"
