@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from bench.gpu_limits import ModelWork, Peaks, device_peaks, forward_flops, model_work, train_flops
 from bench.gpu_timing import PeakMemory, TimedGenerate, bf16_autocast, decode_summary, environment
-from bench.measure import Clock
+from bench.limit import Clock
 from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
 from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer

@@ -20,7 +20,8 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench.gpu_limits import ModelWork, decode_bytes
-from bench.measure import peak_rss_mb, reset_peak_rss, sync
+from bench.limit import sync
+from bench.measure import peak_rss_mb, reset_peak_rss
 
 
 def bf16_autocast(device: torch.device) -> torch.autocast:
@@ -97,7 +98,7 @@ class GenerateCall:
     prompt_len: int  # left padding included: the KV cache holds it
     forwards: int  # the prefill and the decode steps (1 + decode_steps)
     seconds: float  # wall time of the whole call
-    prefill_s: float
+    prefill_s: float  # the rows' rest when the shared prefix came in a cache (sampling.py)
     decode_s: float  # from the end of the prefill to the end of the last decode step
 
     @property
