@@ -45,3 +45,6 @@ plot:  ## render the newest blackjack run's learning curve to docs/blackjack-cur
 CKPT ?= runs/blackjack/checkpoints/last.ckpt
 evaluate:  ## greedy evaluation (20,000 episodes) of the last checkpoint
 	$(PY) -m llamagym_pl.evaluate --config $(CONFIG) --ckpt_path $(CKPT)
+
+gpu-check:  ## issue #15's GPU check (pytest -m gpu + a CUDA bench row) into OUT (default bench_results/gpu_check); DRY=1: on the CPU
+	PYTHON=$(PY) bash bench/gpu_check.sh $(if $(DRY),--dry-run) --out $(or $(OUT),bench_results/gpu_check)
