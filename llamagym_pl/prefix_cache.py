@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from llamagym_pl.policy import lm_call_names
+from llamagym_pl.policy import base_model, lm_call_names
 
 WINDOWED_LAYERS = frozenset({"sliding_attention", "chunked_attention"})
 """Layers that see a window of cache *columns*: with the padding moved to the middle a window would
@@ -73,7 +73,7 @@ def encode_prefix(lm: nn.Module, prefix: Tensor, n: int) -> DynamicCache:
     included), so generation continues on the cache it would have made.
     """
     cache_kw, keep_kw = lm_call_names(lm)
-    cache = DynamicCache(config=_base(lm).config)
+    cache = DynamicCache(config=base_model(lm).config)
     lm(
         input_ids=prefix,
         attention_mask=torch.ones_like(prefix),
@@ -99,7 +99,7 @@ def supports_prefix_cache(lm: nn.Module, length: int) -> bool:
     peft_config = getattr(lm, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False
-    base = _base(lm)
+    base = base_model(lm)
     config = base.config.get_text_config(decoder=True)
     if (
         base.config.is_encoder_decoder
@@ -117,8 +117,3 @@ def supports_prefix_cache(lm: nn.Module, length: int) -> bool:
         if kind != "full_attention" and kind not in WINDOWED_LAYERS:
             return False
     return True
-
-
-def _base(lm: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (``lm`` itself otherwise)."""
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
