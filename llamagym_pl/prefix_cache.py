@@ -15,11 +15,18 @@ prefix, 0 on the padding, 1 on each row's rest: every real token keeps its posit
 to the same tokens as in the left-padded batch, and the replies are the same tokens. The logits
 agree up to float rounding (other matmul shapes), as they do between batch sizes anyway.
 Architectures where this does not hold fall back to the plain call (:func:`supports_prefix_cache`).
+
+The forwards that score actions with grad (both styles' preparation and training passes) run the
+prefix with :func:`run_prefix` instead: ``index_select`` repeats its cache, so in training its
+gradient sums over the rows, as if each row had run the prefix. Gradient checkpointing drops the
+KV cache in training (transformers re-runs each layer in backward without it), so there the
+sequences are encoded whole (:func:`reuses_prefix`).
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,17 +43,21 @@ EXACT_ATTENTION = frozenset({"eager", "sdpa"})
 """Attention kernels whose masked (mid-sequence) padding is tested exact; others fall back."""
 
 
+def common_prefix_length(heads: Tensor) -> int:
+    """How many first columns all N >= 2 rows of ``heads`` (N, k) share; 0 for a single row."""
+    if heads.shape[0] < 2 or heads.shape[1] == 0:
+        return 0
+    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+
+
 def shared_prefix_length(ids: Tensor, mask: Tensor) -> int:
     """How many first tokens all N >= 2 left-padded prompts share (typically the system prompt),
     at most the shortest prompt's length minus one: every prompt keeps a token of its own, where
     its last logits and value are read. 0 for a single prompt."""
     lengths = mask.sum(1)  # (N,)
-    k = int(lengths.min()) - 1
-    if ids.shape[0] < 2 or k < 1:
-        return 0
+    k = max(int(lengths.min()) - 1, 0)
     cols = (ids.shape[1] - lengths)[:, None] + torch.arange(k, device=ids.device)  # (N, k)
-    heads = ids.gather(1, cols)  # the first k real tokens of each prompt
-    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+    return common_prefix_length(ids.gather(1, cols))  # the first k real tokens of each prompt
 
 
 def prefix_first(ids: Tensor, mask: Tensor, shared: int) -> tuple[Tensor, Tensor]:
@@ -65,24 +76,49 @@ def prefix_first(ids: Tensor, mask: Tensor, shared: int) -> tuple[Tensor, Tensor
     return torch.cat([prefix, rest], 1), torch.cat([mask.new_ones(n, shared), rest_mask], 1)
 
 
-@torch.no_grad()
-def encode_prefix(lm: nn.Module, prefix: Tensor, n: int) -> DynamicCache:
-    """The KV cache of ``prefix`` ``(1, c)``, run once and repeated for ``n`` rows.
+def new_cache(lm: nn.Module) -> DynamicCache:
+    """An empty KV cache built from the model config, as ``generate`` builds its own (sliding
+    layers included)."""
+    return DynamicCache(config=base_model(lm).config)
 
-    The cache is built from the model config, as ``generate`` builds its own (sliding layers
-    included), so generation continues on the cache it would have made.
-    """
+
+def run_prefix(lm: nn.Module, prefix: Tensor, n: int) -> tuple[DynamicCache, Tensor]:
+    """Run ``prefix`` ``(1, c)`` once, at positions ``0 .. c - 1``: its KV cache repeated for ``n``
+    rows, and its last hidden states (1, c, H), the same in every row (attention is causal). With
+    grad when grad is enabled: the repeated cache's gradient sums over the rows."""
     cache_kw, keep_kw = lm_call_names(lm)
-    cache = DynamicCache(config=base_model(lm).config)
-    lm(
+    cache = new_cache(lm)
+    out = lm(
         input_ids=prefix,
         attention_mask=torch.ones_like(prefix),
         position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None],
         use_cache=True,
+        output_hidden_states=True,
         **{cache_kw: cache, **({keep_kw: 1} if keep_kw else {})},
     )
     cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=prefix.device))  # (1, ...) -> (n, ...)
-    return cache
+    return cache, out.hidden_states[-1]
+
+
+@torch.no_grad()
+def encode_prefix(lm: nn.Module, prefix: Tensor, n: int) -> DynamicCache:
+    """The KV cache of ``prefix`` ``(1, c)``, run once and repeated for ``n`` rows, for
+    ``generate`` to continue on the cache it would have made (:func:`new_cache`)."""
+    return run_prefix(lm, prefix, n)[0]
+
+
+def checkpointing(lm: nn.Module) -> bool:
+    """Whether ``lm`` recomputes activations in backward (the flag was renamed in transformers 5)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(lm), name) or hasattr(lm, name):
+            return bool(getattr(lm, name))
+    return False
+
+
+def reuses_prefix(policy: Any) -> bool:
+    """Whether a forward of ``policy`` (its ``lm``, in its mode) can run a shared prefix once: not
+    when it trains with gradient checkpointing, which has no KV cache."""
+    return not (checkpointing(policy.lm) and policy.training and torch.is_grad_enabled())
 
 
 def supports_prefix_cache(lm: nn.Module, length: int) -> bool:

@@ -26,12 +26,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from llamagym_pl import ppo
 from llamagym_pl.actions.candidates import candidate_batch
 from llamagym_pl.policy import lm_call_names
-from llamagym_pl.prefix_cache import shared_prefix_length
+from llamagym_pl.prefix_cache import new_cache, reuses_prefix, run_prefix, shared_prefix_length
 from llamagym_pl.spans import EncodedCandidates
 
 
@@ -53,7 +52,7 @@ def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     once: its last logits score every candidate's first token, and the candidates' remaining
     tokens run as (R, K - 1) on the prompt's KV cache (its rows repeated per candidate): with C
     candidates per turn this costs about one prompt instead of C. The prefix that all prompts
-    share (e.g. the system prompt, :func:`shared_prefix_length`) is encoded once per batch and
+    share (e.g. the system prompt, :mod:`llamagym_pl.prefix_cache`) is encoded once per batch and
     its cache repeated for every prompt. The value of a turn is read at
     its prompt's last token (it depends on the prompt only). Positions count real tokens only,
     as in the right-padded episode sequences.
@@ -62,9 +61,9 @@ def candidate_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]
     backward), so there the rows are encoded whole, prompt + candidate, with the same result.
     Returns (R,) log-prob sums and (N,) values, with grad when grad is enabled.
     """
-    if _checkpointing(policy.lm) and policy.training and torch.is_grad_enabled():
-        return _row_forward(policy, batch)
-    return _cached_forward(policy, batch)
+    if reuses_prefix(policy):
+        return _cached_forward(policy, batch)
+    return _row_forward(policy, batch)
 
 
 def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -72,21 +71,13 @@ def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     cands, cand_mask = batch["candidate_ids"], batch["candidate_mask"]  # (R, K)
     cache_kw, keep_kw = lm_call_names(policy.lm)
     last_only = {keep_kw: 1} if keep_kw else {}
-    cache = DynamicCache()
+    cache = new_cache(policy.lm)
     n, p = ids.shape
     shared = shared_prefix_length(ids, mask)
     if shared:
-        # The prefix every prompt starts with runs once, (1, c); its cache rows are then repeated
-        # for the N prompts (index_select: in training its gradient sums over them).
+        # The prefix every prompt starts with runs once, (1, c), its cache repeated for the N prompts.
         first = p - int(mask[0].sum())
-        policy.lm(
-            input_ids=ids[:1, first : first + shared],
-            attention_mask=mask.new_ones(1, shared),
-            position_ids=torch.arange(shared, device=ids.device)[None],
-            use_cache=True,
-            **{cache_kw: cache, **last_only},
-        )
-        cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=ids.device))  # (1, ...) -> (N, ...)
+        cache, _ = run_prefix(policy.lm, ids[:1, first : first + shared], n)
         # Left padded, each prompt's rest is its last (length - c) columns: drop c columns at the
         # left and the mask is the old mask's first P - c columns.
         ids, mask = ids[:, shared:], mask[:, : p - shared]
@@ -138,11 +129,3 @@ def _row_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     first[1:] = row_turn[1:] != row_turn[:-1]  # the first row of each turn
     values = policy.value_head(out.hidden_states[-1][first, length - 1])  # (N,)
     return sums, values
-
-
-def _checkpointing(lm) -> bool:
-    """Whether ``lm`` recomputes activations in backward (the flag was renamed in transformers 5)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(lm), name) or hasattr(lm, name):
-            return bool(getattr(lm, name))
-    return False
