@@ -28,7 +28,8 @@ Layout (R rows, L tokens; E episodes, T turns):
   the rows themselves (generated replies).
 - Once prepared (:func:`~llamagym_pl.update.prepare_rollout`, at each epoch start):
   ``old_logprobs``, the style's action log-probs (generated replies: (R, L) where
-  ``old_logprobs[r, i]`` is log p(token i | tokens < i); scored actions: (N,) per turn),
+  ``old_logprobs[r, i]`` is log p(token i | tokens < i) at the reply tokens, ``action_mask``, and 0
+  elsewhere; scored actions: (N,) per turn),
   ``old_values``/``advantages``/``returns`` (E, T), and ``pg_advantages`` (E, T): the advantages
   the policy loss uses, normalized once over the whole rollout (all DDP ranks), never per
   minibatch (a row's length depends on the actions taken, so any grouping by length would make a

@@ -29,12 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamagym_pl import ppo
 from llamagym_pl.policy import PolicyWithValueHead, is_peft
 
 
 class ReferencePolicy:
-    """Token log-probs of the reference (initial) policy.
+    """The reference (initial) policy, to score actions with (:meth:`as_policy`).
 
     Deliberately not an ``nn.Module``: its copy (if any) is invisible to ``state_dict`` (not
     saved in checkpoints; rebuilt from ``name_or_path`` on resume, since it must equal the
@@ -64,19 +63,12 @@ class ReferencePolicy:
         finally:
             self._lm.train(was_training)
 
-    @torch.no_grad()
-    def token_logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
-        """``out[:, i] = log pi_ref(token i+1 | tokens <= i)`` under ``softmax(logits / temperature)``:
-        ``(B, L) -> (B, L - 1)`` float32."""
-        with self._reference_lm(input_ids.device) as lm:
-            logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return ppo.token_logprobs(logits[:, :-1] / temperature, input_ids[:, 1:])  # (B, L - 1)
-
     @contextlib.contextmanager
     def as_policy(self, device: torch.device) -> Iterator[Any]:
-        """The reference as a policy (its LM with our value head, in eval mode) for the block:
-        score mode scores its candidates with the same forward as the policy's
-        (:func:`llamagym_pl.actions.scoring.candidate_forward`), under no grad."""
+        """The reference as a policy (its LM with our value head, in eval mode) for the block: each
+        style scores its actions with the same forward as the policy's, under no grad (generated
+        replies: :func:`llamagym_pl.actions.rows.row_forward`, which computes logits at the reply
+        tokens only; scored candidates: :func:`llamagym_pl.actions.scoring.candidate_forward`)."""
         with self._reference_lm(device) as lm:
             yield SimpleNamespace(lm=lm, value_head=self._value_head, training=False)
 

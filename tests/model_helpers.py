@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -38,7 +40,8 @@ SYSTEM = "you are an expert blackjack player . answer hit or stick ."
 
 
 def build_family_model(family: str, tokenizer: PreTrainedTokenizerBase, out_dir: Path, seed: int = 0) -> Path:
-    """A randomly initialised 1-layer, 32-wide model of ``family``, saved with ``tokenizer``."""
+    """A randomly initialised 1-layer, 32-wide model of ``family`` (a :data:`FAMILIES` key, or
+    ``gemma2``: 2 layers, one of them sliding-window), saved with ``tokenizer``."""
     ids = {
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
@@ -54,6 +57,13 @@ def build_family_model(family: str, tokenizer: PreTrainedTokenizerBase, out_dir:
         model_cls = Qwen3ForCausalLM
     elif family == "gemma":
         model_cls, config = GemmaForCausalLM, GemmaConfig(**common, **heads, head_dim=8)
+    elif family == "gemma2":
+        # A soft cap small enough to change every logit visibly, and a sliding window shorter than
+        # the test episodes, so that the KV cache holds sliding-window layers too.
+        # (Two layers: Gemma 2 alternates sliding-window and full attention.)
+        two = {**common, "num_hidden_layers": 2}
+        config = Gemma2Config(**two, **heads, head_dim=8, final_logit_softcapping=0.5, sliding_window=8)
+        model_cls = Gemma2ForCausalLM
     elif family == "gpt2":
         model_cls, config = (
             GPT2LMHeadModel,

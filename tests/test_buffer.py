@@ -206,8 +206,10 @@ def test_prepare_rollout_matches_a_direct_forward_and_gae(
             ids = buf.input_ids[row : row + 1, :n]  # (1, n)
             logits, v = tiny_policy(ids, torch.ones_like(ids))
             direct = ppo.token_logprobs(logits[:, :-1], ids[:, 1:])[0]  # (n - 1,)
-            torch.testing.assert_close(buf.old_logprobs[row, 1:n], direct, rtol=1e-5, atol=1e-5)
-            assert buf.old_logprobs[row, 0] == 0  # token 0 has no prediction
+            # The reply tokens' log-probs, the only ones read; 0 elsewhere (token 0 has no prediction).
+            expected = torch.where(buf.action_mask[row, 1:n], direct, 0.0)
+            torch.testing.assert_close(buf.old_logprobs[row, 1:n], expected, rtol=1e-5, atol=1e-5)
+            assert buf.old_logprobs[row, 0] == 0 and buf.action_mask[row].sum() > 0
             values.append(v[0])
             if not episodes[row].terminated:
                 next_value[row] = v[0, buf.bootstrap_position[row]]

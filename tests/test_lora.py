@@ -38,6 +38,13 @@ def _logprobs(policy: PolicyWithValueHead, ids: torch.Tensor) -> torch.Tensor:
     return ppo.token_logprobs(logits[:, :-1], ids[:, 1:])
 
 
+def _reference_logprobs(reference: ReferencePolicy, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi_ref(token i + 1 | tokens <= i), (B, L) -> (B, L - 1), from the reference's full logits."""
+    with torch.no_grad(), reference.as_policy(ids.device) as initial:
+        logits = initial.lm(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+    return ppo.token_logprobs(logits[:, :-1], ids[:, 1:])
+
+
 def test_only_lora_and_value_head_train_and_base_stays_bit_identical(
     tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -93,7 +100,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off(
     initial = _logprobs(policy, ids)
     perturb_trainable(policy)
     policy.train()
-    ref = reference.token_logprobs(ids, torch.ones_like(ids))
+    ref = _reference_logprobs(reference, ids, torch.ones_like(ids))
     assert policy.training, "the reference must leave the policy's mode alone"
     torch.testing.assert_close(ref, initial, rtol=0, atol=1e-6)
     base = PolicyWithValueHead(load_causal_lm(str(tiny_model_dir)))
@@ -107,7 +114,7 @@ def test_full_finetune_reference_is_a_frozen_initial_copy_outside_the_module(tin
     initial = _logprobs(module.policy, ids)
     perturb_trainable(module.policy)
     module.train()
-    ref = module.reference.token_logprobs(ids, torch.ones_like(ids))
+    ref = _reference_logprobs(module.reference, ids, torch.ones_like(ids))
     torch.testing.assert_close(ref, initial, rtol=0, atol=0)
     frozen = list(module.reference.frozen.parameters())
     assert not module.reference.frozen.training and not any(p.requires_grad for p in frozen)
@@ -154,7 +161,7 @@ def test_prepare_rollout_subtracts_the_kl_penalty_from_turn_rewards(
         policy, buf, GenerateStyle(), 0.9, 0.8, batch_size=3, reference=reference, kl_coef=0.5
     )
     ref = torch.zeros_like(buf.old_logprobs)
-    ref[:, 1:] = reference.token_logprobs(buf.input_ids, buf.attention_mask)
+    ref[:, 1:] = _reference_logprobs(reference, buf.input_ids, buf.attention_mask)
     kl = turn_kl(buf.old_logprobs, ref, buf.action_mask, buf.turn_index, buf.turn_mask.shape[1])  # (E, T)
     assert kl.abs().sum() > 0
     next_value = torch.zeros(len(buf))  # every episode terminated

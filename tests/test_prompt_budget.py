@@ -146,7 +146,8 @@ def test_values_and_logprobs_come_from_the_prompts_seen_and_gae_spans_rows(
             ids = buf.input_ids[row : row + 1, :n]
             logits, _ = policy(ids, torch.ones_like(ids))
             direct = ppo.token_logprobs(logits[:, :-1], ids[:, 1:])[0]
-            torch.testing.assert_close(buf.old_logprobs[row, 1:n], direct, rtol=1e-5, atol=1e-5)
+            expected = torch.where(buf.action_mask[row, 1:n], direct, 0.0)  # reply tokens only
+            torch.testing.assert_close(buf.old_logprobs[row, 1:n], expected, rtol=1e-5, atol=1e-5)
 
     for e, ep in enumerate(episodes):
         values = [value(prompt_ids(tiny_tokenizer, ep, t)) for t in range(ep.num_turns)]

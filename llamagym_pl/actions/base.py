@@ -11,7 +11,7 @@ turn values its forward passes give on the way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -88,36 +88,32 @@ class ActionStyle(Protocol):
         """With grad: the minibatch's new log-probs and entropies, aligned with its old ones."""
 
 
-LogitsReader = Callable[[slice, Tensor, Tensor, Tensor], None]
-"""Receives ``(chunk, input_ids, attention_mask, logits)`` of each chunk of rows :func:`read_rows` runs."""
+def row_chunks(
+    buf: RolloutBuffer, batch_size: int, rows: Sequence[int] | None = None
+) -> Iterator[tuple[slice, Tensor, int]]:
+    """``(chunk, take, length)`` for each ``batch_size`` of episode rows ``rows`` (default: all):
+    ``take`` the buffer's row numbers, ``chunk`` their place in ``rows``, ``length`` their longest
+    sequence (a forward runs ``buf.input_ids[take, :length]``). One forward per chunk keeps a
+    pass over a rollout's rows at a peak memory that does not grow with the number of envs."""
+    index = torch.arange(len(buf)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    for start in range(0, len(index), batch_size):
+        take = index[start : start + batch_size]
+        yield slice(start, start + len(take)), take, int(buf.lengths[take].max())
 
 
 def read_rows(
-    policy: Policy,
-    buf: RolloutBuffer,
-    batch_size: int,
-    rows: Sequence[int] | None = None,
-    on_logits: LogitsReader | None = None,
+    policy: Policy, buf: RolloutBuffer, batch_size: int, rows: Sequence[int] | None = None
 ) -> Tensor:
     """The value at every position of episode rows ``rows`` (default: all), ``(len(rows), L)``,
-    one forward per ``batch_size`` rows.
-
-    A style that reads its log-probs off the rows' logits passes ``on_logits`` (``chunk`` slices
-    the result's rows); without it the LM computes the logits of each row's last position only: a
-    value needs the hidden states alone.
-    """
+    one forward per ``batch_size`` rows; the LM computes the logits of each row's last position
+    only: a value needs the hidden states alone."""
     device = next(policy.parameters()).device
-    index = torch.arange(len(buf)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    values = torch.zeros(len(index), buf.input_ids.shape[1])
-    for start in range(0, len(index), batch_size):
-        chunk, take = slice(start, start + batch_size), index[start : start + batch_size]
-        length = int(buf.lengths[take].max())
+    values = torch.zeros(len(buf) if rows is None else len(rows), buf.input_ids.shape[1])
+    for chunk, take, length in row_chunks(buf, batch_size, rows):
         ids = buf.input_ids[take, :length].to(device)
         mask = buf.attention_mask[take, :length].to(device)
-        logits, v = policy(ids, mask, all_logits=on_logits is not None)  # (B, L, V), (B, L)
+        _, v = policy(ids, mask, all_logits=False)  # (B, L)
         values[chunk, :length] = v.float().cpu()
-        if on_logits is not None:
-            on_logits(chunk, ids, mask, logits)
     return values
 
 

@@ -3,7 +3,8 @@
 A reply is sampled token by token from ``softmax(logits / temperature)`` with our own generation
 settings only (:mod:`llamagym_pl.sampling`); every token it produced is an action, trained with
 its own log-prob and its turn's advantage. Replies are trained as the episode rows hold them
-(:mod:`llamagym_pl.buffer`): one forward per row scores all its turns.
+(:mod:`llamagym_pl.buffer`): one forward per row scores all its turns, with the output layer at
+the reply tokens only and the prefix the rows share encoded once (:mod:`llamagym_pl.actions.rows`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 
 from llamagym_pl import ppo
-from llamagym_pl.actions.base import ActionTerms, Policy, Prepared, Prompt, Reference, State, read_rows
+from llamagym_pl.actions.base import ActionTerms, Policy, Prepared, Prompt, Reference, State, row_chunks
+from llamagym_pl.actions.rows import row_forward
 from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import UnknownWords, left_pad, prompt_token_ids
 from llamagym_pl.episode import Episode, Reply
@@ -96,40 +98,51 @@ class GenerateStyle:
 
     @torch.no_grad()
     def prepare(self, policy: Policy, buf: RolloutBuffer, batch_size: int, reference: Reference) -> Prepared:
-        """Old log-probs and values from one forward per row chunk. With a reference, each turn's KL
-        penalty is the summed ``log pi - log pi_ref`` of its tokens (see :mod:`llamagym_pl.kl`)."""
-        logprobs = torch.zeros(buf.input_ids.shape)
+        """Old log-probs of the reply tokens and values from one forward per ``batch_size`` rows
+        (:func:`~llamagym_pl.actions.rows.row_forward`, as :meth:`logprobs` computes the new ones).
+        With a reference, each turn's KL penalty is the summed ``log pi - log pi_ref`` of its tokens
+        (see :mod:`llamagym_pl.kl`), the reference scored by the same forward."""
+        device = next(policy.parameters()).device
+        # logprobs[r, i] = log p(token i | tokens < i) at the reply tokens; 0 elsewhere (unread).
+        logprobs, values = torch.zeros(buf.input_ids.shape), torch.zeros(buf.input_ids.shape)
         ref_logprobs = torch.zeros(buf.input_ids.shape) if reference is not None else None
-
-        def read(chunk: slice, ids: Tensor, mask: Tensor, logits: Tensor) -> None:
-            length = ids.shape[1]
-            # logprobs[:, i] = log p(token i | tokens < i); position 0 has no prediction.
-            logprobs[chunk, 1:length] = ppo.token_logprobs(logits[:, :-1] / buf.temperature, ids[:, 1:]).cpu()
+        for _, take, length in row_chunks(buf, batch_size):
+            ids, mask = buf.input_ids[take, :length].to(device), buf.attention_mask[take, :length].to(device)
+            rows, cols = buf.action_mask[take, :length].nonzero(as_tuple=True)  # reply tokens (N,)
+            at = take[rows], cols  # their places in the buffer
+            rows, cols = rows.to(device), cols.to(device)
+            tokens = ids[rows, cols]  # (N,)
+            logits, v = row_forward(policy, ids, mask, rows, cols - 1)  # (N, V), (B, L)
+            values[take, :length] = v.float().cpu()
+            logprobs[at] = ppo.token_logprobs(logits / buf.temperature, tokens).cpu()
             if ref_logprobs is not None:
-                ref_logprobs[chunk, 1:length] = reference.token_logprobs(ids, mask, buf.temperature).cpu()
-
-        rows = read_rows(policy, buf, batch_size, on_logits=read)  # (R, L)
+                with reference.as_policy(device) as initial:
+                    ref_logits, _ = row_forward(initial, ids, mask, rows, cols - 1)  # (N, V)
+                ref_logprobs[at] = ppo.token_logprobs(ref_logits / buf.temperature, tokens).cpu()
         # Turn t's value at the end of its prompt; a truncated episode's next state at its row's end.
-        values = rows[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
-        next_value = rows[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
+        turn_values = values[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
+        next_value = values[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
         buf.old_logprobs = logprobs
         if ref_logprobs is None:
-            return Prepared(values, next_value, None, {})
+            return Prepared(turn_values, next_value, None, {})
         num_turns = buf.turn_mask.shape[1]
         row_kl = turn_kl(logprobs, ref_logprobs, buf.action_mask, buf.turn_index, num_turns)  # (R, T)
         # Each turn's tokens are in one row: summing an episode's rows gathers its turns.
         kl = torch.zeros_like(buf.rewards).index_add_(0, buf.row_episode, row_kl)  # (E, T)
-        return Prepared(values, next_value, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))})
+        return Prepared(
+            turn_values, next_value, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))}
+        )
 
     def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
         """Every response token of the rows, under ``softmax(logits / temperature)``; the values
-        at the rows' turn positions."""
-        logits, values = policy(batch["input_ids"], batch["attention_mask"])  # (B, L, V), (B, L)
+        at the rows' turn positions. One forward of the rows (:func:`~.rows.row_forward`): the
+        output layer only at the positions that predict the response tokens."""
+        ids = batch["input_ids"]
         rows, cols = batch["action_mask"].nonzero(as_tuple=True)  # response tokens; never position 0
-        # (N, V): the logits that predicted each response token, at the sampling temperature.
-        step_logits = logits[rows, cols - 1] / self.temperature
+        logits, values = row_forward(policy, ids, batch["attention_mask"], rows, cols - 1)  # (N, V), (B, L)
+        step_logits = logits / self.temperature  # (N, V): at the sampling temperature
         return ActionTerms(
-            logprobs=ppo.token_logprobs(step_logits, batch["input_ids"][rows, cols]),  # (N,)
+            logprobs=ppo.token_logprobs(step_logits, ids[rows, cols]),  # (N,)
             old_logprobs=batch["old_logprobs"][rows, cols],
             advantages=batch["token_advantages"][rows, cols],
             entropy=ppo.entropy_from_logits(step_logits),
