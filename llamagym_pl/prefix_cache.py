@@ -146,10 +146,19 @@ def supports_prefix_cache(lm: nn.Module, length: int) -> bool:
         or getattr(config, "_attn_implementation", None) not in EXACT_ATTENTION
     ):
         return False
+    layer_types, _ = get_layer_types_and_kwargs(config)
+    if any(kind != "full_attention" and kind not in WINDOWED_LAYERS for kind in layer_types):
+        return False
+    return windows_cover(lm, length)
+
+
+def windows_cover(lm: nn.Module, length: int) -> bool:
+    """Whether every sliding or chunked attention layer of ``lm`` sees at least ``length`` columns,
+    so that padding moved between a prefix and the rest (``[prefix | padding | rest]``) cannot
+    push real tokens out of a window: a window counts cache columns, padding included."""
+    config = base_model(lm).config.get_text_config(decoder=True)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-    for kind, kwargs in zip(layer_types, layer_kwargs, strict=True):
-        if kind in WINDOWED_LAYERS and kwargs["sliding_window"] < length:
-            return False
-        if kind != "full_attention" and kind not in WINDOWED_LAYERS:
-            return False
-    return True
+    return all(
+        kind not in WINDOWED_LAYERS or kwargs["sliding_window"] >= length
+        for kind, kwargs in zip(layer_types, layer_kwargs, strict=True)
+    )

@@ -414,3 +414,19 @@ def test_fit_in_score_mode(tiny_model_dir: Path, tmp_path: Path, monkeypatch: py
     assert [v for _, v in scalars["rollout/invalid_action_rate"]] == [0.0, 0.0]
     assert len(scalars["eval/return_mean"]) == 1
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_cached_scoring_is_exact_under_a_sliding_window(
+    chatml_tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """Regression: a shared prefix laid out [prefix | padding | rest] put padding into the columns
+    of Gemma 2's sliding window (8 here, shorter than the prompts), and the scores were 0.16 nats
+    off. Prompts longer than a window run whole, left padded, and match one forward per candidate."""
+    model_dir = build_family_model("gemma2", chatml_tokenizer, tmp_path / "gemma2")
+    tokenizer = load_tokenizer(str(model_dir))
+    policy = build_policy(str(model_dir)).eval()
+    got = scored_distributions(policy, tokenizer, "token")
+    for conv, cands, probs in zip(conversations(tokenizer), CANDIDATES, got, strict=True):
+        torch.testing.assert_close(
+            probs, direct_distribution(policy, tokenizer, conv, cands, "token"), rtol=0, atol=1e-5
+        )

@@ -30,7 +30,7 @@ from torch import Tensor
 from llamagym_pl import ppo
 from llamagym_pl.actions.candidates import candidate_batch
 from llamagym_pl.policy import lm_call_names
-from llamagym_pl.prefix_cache import new_cache, reuses_prefix, run_prefix, shared_prefix_length
+from llamagym_pl.prefix_cache import new_cache, reuses_prefix, run_prefix, shared_prefix_length, windows_cover
 from llamagym_pl.spans import EncodedCandidates
 
 
@@ -73,7 +73,8 @@ def _cached_forward(policy, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     last_only = {keep_kw: 1} if keep_kw else {}
     cache = new_cache(policy.lm)
     n, p = ids.shape
-    shared = shared_prefix_length(ids, mask)
+    # [prefix | padding | rest] moves padding into a sliding window's columns: whole prompts there.
+    shared = shared_prefix_length(ids, mask) if windows_cover(policy.lm, p + cands.shape[1]) else 0
     if shared:
         # The prefix every prompt starts with runs once, (1, c), its cache repeated for the N prompts.
         first = p - int(mask[0].sum())
