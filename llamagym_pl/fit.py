@@ -12,14 +12,19 @@ line; checkpoints are written atomically and resumed with ``weights_only``; Ctrl
 
 from __future__ import annotations
 
+import difflib
+import re
+import sys
+from typing import Any
+
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llamagym_pl.checkpointing import InterruptCheckpoint, defer_interrupts
 from llamagym_pl.datamodule import RolloutDataModule
-from llamagym_pl.guards import ConciseParser, LlamaGymError, check_ckpt_path, check_config, one_line_errors
+from llamagym_pl.guards import LlamaGymError, check_ckpt_path, check_config, one_line_errors
 from llamagym_pl.module import PPOModule
 
 TRAINER_DEFAULTS = {
@@ -39,6 +44,35 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "runs", "name": "default"},
     },
 }
+
+
+class ConciseParser(LightningArgumentParser):
+    """LightningCLI's parser, with parse errors that fit on a screen.
+
+    The stock error prints the whole ~100-line usage above the one line that matters; here the
+    usage is one line, and an unknown key gets a "did you mean" from the known keys.
+    """
+
+    def print_usage(self, file: Any = None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog} [--config FILE] [--SECTION.KEY VALUE ...]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        return super().error(message + _did_you_mean(message, [a.dest for a in self._actions]), ex)
+
+
+_UNKNOWN_KEY = (
+    re.compile(r"Group '([\w.]+)' does not accept option '(\w+)'"),
+    re.compile(r"unrecognized arguments: --([\w.]+)"),
+)
+
+
+def _did_you_mean(message: str, keys: list[str]) -> str:
+    for pattern in _UNKNOWN_KEY:
+        match = pattern.search(message)
+        if match:
+            close = difflib.get_close_matches(".".join(match.groups()), keys, n=1, cutoff=0.7)
+            return f" (did you mean '{close[0]}'?)" if close else ""
+    return ""
 
 
 class LlamaGymCLI(LightningCLI):

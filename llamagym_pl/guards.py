@@ -16,19 +16,15 @@ What goes wrong, and what happens (the README's "Failure modes" section says the
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
-import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LightningArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -60,35 +56,6 @@ def one_line_errors(prog: str, types: tuple[type[BaseException], ...]) -> Iterat
 
 
 # ----------------------------------------------------------------------------- config
-class ConciseParser(LightningArgumentParser):
-    """LightningCLI's parser, with parse errors that fit on a screen.
-
-    The stock error prints the whole ~100-line usage above the one line that matters; here the
-    usage is one line, and an unknown key gets a "did you mean" from the known keys.
-    """
-
-    def print_usage(self, file: Any = None) -> None:
-        (file or sys.stdout).write(f"usage: {self.prog} [--config FILE] [--SECTION.KEY VALUE ...]\n")
-
-    def error(self, message: str, ex: Exception | None = None) -> Any:
-        return super().error(message + _did_you_mean(message, [a.dest for a in self._actions]), ex)
-
-
-_UNKNOWN_KEY = (
-    re.compile(r"Group '([\w.]+)' does not accept option '(\w+)'"),
-    re.compile(r"unrecognized arguments: --([\w.]+)"),
-)
-
-
-def _did_you_mean(message: str, keys: list[str]) -> str:
-    for pattern in _UNKNOWN_KEY:
-        match = pattern.search(message)
-        if match:
-            close = difflib.get_close_matches(".".join(match.groups()), keys, n=1, cutoff=0.7)
-            return f" (did you mean '{close[0]}'?)" if close else ""
-    return ""
-
-
 def check_config(model: Any, datamodule: Any) -> None:
     """Checks across model and data that would otherwise fail only once training runs."""
     tokenizer = model.tokenizer
