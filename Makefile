@@ -2,13 +2,19 @@
 PY ?= .venv/bin/python
 CONFIG ?= experiments/blackjack.yaml
 
-.PHONY: install test lint fit resume tensorboard bench plot evaluate clean
+.PHONY: install constraints test lint fit resume tensorboard bench plot evaluate clean
 
-install:  ## create .venv, install the CPU torch wheel first, then the project with dev and textworld extras
+install:  ## create .venv, install the CPU torch wheel first, then the project with dev and textworld extras, at the versions CI tested (constraints.txt)
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,textworld]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,textworld]'
+
+constraints:  ## rewrite constraints.txt from .venv (after upgrading a dependency there and passing `make test`)
+	echo "# The versions CI tested: \`make install\` installs these (\`make constraints\` writes this file from .venv)." > constraints.txt
+	echo "# Library users get pyproject.toml's ranges instead." >> constraints.txt
+	$(PY) -m pip freeze --exclude-editable | grep -iv '^llamagym[-_]pl[= @]' \
+		| sed -E 's/^(torch==[^+]*)\+.*/\1/' >> constraints.txt
 
 test:  ## the CPU test suite (offline)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
