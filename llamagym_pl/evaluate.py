@@ -20,10 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from llamagym_pl.fit import SETUP_ERRORS, LlamaGymCLI, build_cli
-from llamagym_pl.guards import ConfigError, check_checkpoint_fits, one_line_errors
+from llamagym_pl.guards import ConfigError, check_checkpoint_fits, one_line_errors, read_checkpoint
 
 DEFAULT_EPISODES = 20_000
 
@@ -56,7 +54,7 @@ def load_weights(module, ckpt_path: str) -> None:
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist; pass the path of a .ckpt file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, resume=False)
     check_checkpoint_fits(module, checkpoint, ckpt_path)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])

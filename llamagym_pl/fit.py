@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from llamagym_pl.checkpointing import InterruptCheckpoint, defer_interrupts
 from llamagym_pl.datamodule import RolloutDataModule
-from llamagym_pl.guards import LlamaGymError, check_ckpt_path, check_config, one_line_errors
+from llamagym_pl.guards import (
+    LlamaGymError,
+    check_checkpoint_fits,
+    check_ckpt_path,
+    check_config,
+    one_line_errors,
+    read_checkpoint,
+)
 from llamagym_pl.module import PPOModule
 
 TRAINER_DEFAULTS = {
@@ -133,8 +141,23 @@ def build_cli(args=None, run_fit: bool = True, cli_class: type[LlamaGymCLI] = Ll
 def fit(cli: LlamaGymCLI) -> None:
     """``trainer.fit`` with the CLI's model, data and ``--ckpt_path``."""
     ckpt_path = check_ckpt_path(cli.config.get("ckpt_path"))
+    local = ckpt_file(cli, ckpt_path)
+    if local is not None:  # a torn or foreign file: one line now, not a traceback from Lightning
+        check_checkpoint_fits(cli.model, read_checkpoint(local), local)
     # weights_only: resuming runs no pickled code (the checkpoint holds plain values only).
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+
+def ckpt_file(cli: LlamaGymCLI, ckpt_path: str | None) -> str | None:
+    """The local file ``trainer.fit`` will resume from: ``ckpt_path`` itself, or for ``last`` the
+    newest ``last*.ckpt`` in ``checkpoint.dirpath`` (as Lightning picks it); None otherwise."""
+    if ckpt_path is None or "://" in ckpt_path or ckpt_path in ("best", "hpc"):
+        return None
+    if ckpt_path != "last":
+        return ckpt_path
+    dirpath = cli.config.get("checkpoint", {}).get("dirpath")
+    last = [p for p in Path(dirpath or ".").glob("last*.ckpt") if re.match(r"last(-\d+)?$", p.stem)]
+    return str(max(last, key=lambda p: p.stat().st_mtime)) if dirpath and last else None
 
 
 SETUP_ERRORS = (ValueError, TypeError, OSError, LlamaGymError, MisconfigurationException)

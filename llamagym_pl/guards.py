@@ -10,6 +10,9 @@ What goes wrong, and what happens (the README's "Failure modes" section says the
   losses ``model.max_nonfinite_steps`` times in a row): :class:`RunAborted`, also one line;
   fewer faults are recovered from, counted and logged (:class:`EnvFaults`,
   :class:`NonFiniteLoss`);
+- a checkpoint that cannot be resumed from (torn, not a checkpoint, a plain state dict, weights only,
+  another model): :class:`ConfigError` naming the file, before training (:func:`read_checkpoint`,
+  :func:`check_checkpoint_fits`);
 - a crash: checkpoints are written atomically, so ``last.ckpt`` is always a whole epoch; Ctrl-C
   also saves ``interrupted.ckpt`` (both in :mod:`llamagym_pl.checkpointing`).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +133,50 @@ def check_ckpt_path(ckpt_path: str | None) -> str | None:
             "for the newest last.ckpt in checkpoint.dirpath"
         )
     return ckpt_path
+
+
+RESUME_HINT = (
+    "pass a whole .ckpt written by llamagym_pl.fit (`last`: the newest last.ckpt in checkpoint.dirpath, "
+    "written atomically after every epoch)"
+)
+
+
+def read_checkpoint(path: str | Path, resume: bool = True) -> dict[str, Any]:
+    """The Lightning checkpoint at ``path``, or :class:`ConfigError` saying why the file is not one
+    (torn, not a torch file, pickled objects, a plain state dict, no optimizer state to resume).
+
+    Read with ``weights_only`` (no pickled code runs) and ``mmap``: the tensors stay on disk until
+    used, so checking a checkpoint before ``fit`` loads it again costs little. ``resume``: the
+    training state (optimizer, loops) is required too, not only the weights.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds pickled objects that loading with weights_only=True refuses "
+            f"(no pickled code runs on resume: {str(err).splitlines()[0]}); it was not written by "
+            f"llamagym_pl.fit: {RESUME_HINT}"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} cannot be read ({str(err).splitlines()[0][:120]}): it is truncated "
+            f"(cut short while copied or written?) or not a torch checkpoint; {RESUME_HINT}"
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        what = f"a {type(checkpoint).__name__}"
+        if isinstance(checkpoint, dict):
+            what = f"a dict of {len(checkpoint)} entries, no 'state_dict': a state dict from torch.save?"
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is not a Lightning checkpoint ({what}); {RESUME_HINT}. To start "
+            "from other weights, save_pretrained them and set model.name_or_path to that directory"
+        )
+    if resume and "optimizer_states" not in checkpoint:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds weights only (no optimizer state: saved with "
+            f"save_weights_only?), so training cannot resume from it; {RESUME_HINT}, or evaluate it "
+            "with python -m llamagym_pl.evaluate"
+        )
+    return checkpoint
 
 
 SHAPE_HPARAMS = ("name_or_path", "lora_r", "lora_target_modules", "quantization")

@@ -11,13 +11,13 @@ import ast
 import inspect
 import logging
 import math
-import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import lightning as L
 import pytest
 import torch
 from run_args import tiny_run_args
@@ -486,6 +486,66 @@ def test_evaluate_a_checkpoint_of_another_model(
     assert f"checkpoint '{other_checkpoint}' does not fit this model" in message
 
 
+def write_bad_checkpoint(kind: str, other: Path, model_dir: Path, out: Path) -> Path:
+    """A file that ``--ckpt_path`` cannot resume from, of ``kind``."""
+    path = out / f"{kind}.ckpt"
+    if kind == "truncated":  # a copy cut short
+        data = other.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not-a-checkpoint":  # e.g. the config passed by mistake
+        shutil.copy(CONFIG, path)
+    elif kind == "plain-state-dict":  # torch.save(model.state_dict())
+        torch.save(AutoModelForCausalLM.from_pretrained(model_dir).state_dict(), path)
+    elif kind == "weights-only":  # a Lightning checkpoint saved with save_weights_only
+        checkpoint = torch.load(other, weights_only=True)
+        del checkpoint["optimizer_states"], checkpoint["lr_schedulers"]
+        torch.save(checkpoint, path)
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "truncated": "cannot be read (PytorchStreamReader failed reading zip archive: failed finding central "
+    "directory",
+    "empty": "cannot be read",
+    "not-a-checkpoint": "cannot be read",
+    "plain-state-dict": "is not a Lightning checkpoint (a dict of",
+    "weights-only": "holds weights only (no optimizer state",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_resume_from_a_torn_or_foreign_file(
+    kind: str, other_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = write_bad_checkpoint(kind, other_checkpoint, tiny_model_dir, tmp_path)
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    message = main_error(fit.main, args(tiny_model_dir, tmp_path, "--ckpt_path", str(bad)))
+    assert message.startswith(f"llamagym_pl.fit: error: checkpoint '{bad}' {BAD_CHECKPOINTS[kind]}"), message
+    assert "pass a whole .ckpt written by llamagym_pl.fit" in message
+    assert len(message.splitlines()) == 2  # the line, and how to get the traceback
+
+
+def test_resume_last_when_last_ckpt_is_torn(
+    other_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "ckpt").mkdir()
+    torn = tmp_path / "ckpt" / "last.ckpt"
+    torn.write_bytes(other_checkpoint.read_bytes()[:1000])
+    message = main_error(fit.main, args(tiny_model_dir, tmp_path, "--ckpt_path", "last"))
+    assert f"checkpoint '{torn}' cannot be read" in message
+
+
+def test_resume_from_another_model_is_one_line_before_training(
+    other_checkpoint: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    message = main_error(fit.main, args(tiny_model_dir, tmp_path, "--ckpt_path", str(other_checkpoint)))
+    expected = f"llamagym_pl.fit: error: checkpoint '{other_checkpoint}' does not fit this model"
+    assert message.startswith(expected), message
+
+
 class Payload:
     """Unpickling this runs code: it creates the file ``marker``."""
 
@@ -496,16 +556,12 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("entry", ["fit", "evaluate"])
-def test_checkpoints_load_with_weights_only(entry: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", [fit.main, evaluate.main])
+def test_checkpoints_load_with_weights_only(entry: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
     marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Payload(marker)}, evil)
-    argv = args(tiny_model_dir, tmp_path, "--ckpt_path", str(evil))
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        if entry == "fit":
-            fit.build_cli(args=argv)
-        else:
-            evaluate.main(argv)
+    message = main_error(entry, args(tiny_model_dir, tmp_path, "--ckpt_path", str(evil)))
+    assert f"checkpoint '{evil}' holds pickled objects that loading with weights_only=True refuses" in message
     assert not marker.exists()
 
 
