@@ -66,6 +66,10 @@ class RolloutDataModule(L.LightningDataModule):
             rollout: each drops its episode, resets that env and is counted in
             ``rollout/env_errors``; one more aborts training (see
             :class:`~llamagym_pl.rollout.RolloutCollector`).
+        env_timeout_s: seconds an ``env.step``/``env.reset`` may take (None: no limit); one that
+            takes longer is interrupted and counts as an env fault, like one that raises (its
+            episode dropped, the env reset with its next seed). Uses SIGALRM: Unix, and the main
+            thread, where Lightning runs the rollout.
         policy: ``generate`` (the LM writes each reply) or ``score`` (the LM scores the agent's
             candidate actions and samples from the softmax over them; GLAM / TWOSOME, see
             :mod:`llamagym_pl.actions.score`). In ``score`` mode ``temperature`` divides the scores,
@@ -101,6 +105,7 @@ class RolloutDataModule(L.LightningDataModule):
         eval_episodes: int = 2000,
         eval_num_envs: int = 100,
         max_env_errors: int = 10,
+        env_timeout_s: float | None = None,
         policy: Literal["generate", "score"] = "generate",
         score_normalization: ScoreNormalization = "token",
         max_prompt_tokens: int | None = None,
@@ -150,6 +155,7 @@ class RolloutDataModule(L.LightningDataModule):
             "invalid_penalty",
             "max_episode_steps",
             "max_env_errors",
+            "env_timeout_s",
         )
         settings = {name: hp[name] for name in (*names, "max_prompt_tokens")}
         return RolloutCollector(hp.env_id, hp.env_kwargs, self.agent, num_envs, style, **settings)

@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import pickle
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +101,7 @@ RANGES: dict[str, tuple[str, Any, str]] = {
     "max_new_tokens": (">=", 1, ""),
     "max_prompt_tokens": (">=", 1, " (or null: no budget)"),
     "max_env_errors": (">=", 0, " (0: abort on the first)"),
+    "env_timeout_s": (">", 0, " (or null: no limit)"),
 }
 """Every bounded setting, in one place: ``name: (op, bound, hint)``; PPOModule, RolloutDataModule,
 the rollout and the imperative loop all check theirs here."""
@@ -225,7 +228,8 @@ def check_checkpoint_fits(module: Any, checkpoint: dict[str, Any], source: Any) 
 class EnvFaults:
     """Counts the env faults of one rollout; raises :class:`RunAborted` past ``limit``.
 
-    A fault is ``env.step``/``env.reset`` raising, or a non-finite reward. The rollout drops
+    A fault is ``env.step``/``env.reset`` raising (or running past ``data.env_timeout_s``), or a
+    non-finite reward. The rollout drops
     the episode it happened in and resets that env with its next derived seed.
     """
 
@@ -246,6 +250,48 @@ class EnvFaults:
             "env %r failed in %s (%s: %s): episode dropped, env reset with its next seed (%d of at most %d)",
             self.env_id, where, type(err).__name__, err, self.count, self.limit,
         )  # fmt: skip
+
+
+class EnvTimeout(TimeoutError):
+    """An env call that ran past ``data.env_timeout_s``: a fault, like an env that raises."""
+
+
+@contextmanager
+def env_deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Raise :class:`EnvTimeout` inside the ``with`` body once it has run ``seconds`` (None: no limit).
+
+    SIGALRM, not a worker thread: the exception is raised in the env's own code, which unwinds
+    (its ``finally`` blocks run) and can be reset like an env that raised. A thread cannot be
+    stopped: a hung ``step`` would keep running, and spinning, beside the env's next episode.
+    Unix only, main thread only (where Lightning runs the rollout): see :func:`check_env_timeout`.
+    """
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise EnvTimeout(f"{what} took longer than data.env_timeout_s={seconds}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_env_timeout(seconds: float | None) -> None:
+    """Refuse ``data.env_timeout_s`` where SIGALRM cannot deliver it (Windows, a non-main thread)."""
+    if seconds is None:
+        return
+    if not hasattr(signal, "setitimer"):
+        raise ConfigError(f"data.env_timeout_s={seconds} needs SIGALRM (Unix); set it to null here")
+    if threading.current_thread() is not threading.main_thread():
+        raise ConfigError(
+            f"data.env_timeout_s={seconds} works in the main thread only (it uses SIGALRM), and this "
+            f"rollout runs in thread {threading.current_thread().name!r}: set it to null, or play there"
+        )
 
 
 def context_length(policy: Any) -> int | None:

@@ -30,7 +30,7 @@ from llamagym_pl.episode import (
     derive_seed,
     format_observation,
 )
-from llamagym_pl.guards import ConfigError, EnvFaults, check_ranges
+from llamagym_pl.guards import ConfigError, EnvFaults, check_env_timeout, check_ranges, env_deadline
 from llamagym_pl.stats import RolloutStats, discrete_action_names
 
 RUNAWAY_FACTOR = 100
@@ -58,6 +58,9 @@ class RolloutCollector:
             rollout with :class:`~llamagym_pl.guards.RunAborted`.
         max_prompt_tokens: prompt budget in tokens (None: none), see
             :class:`~llamagym_pl.episode.PromptBudget`.
+        env_timeout_s: seconds an ``env.step``/``env.reset`` may take (None: no limit); one that
+            takes longer is interrupted (SIGALRM: Unix, main thread) and is a fault, as if it
+            raised.
     """
 
     def __init__(
@@ -73,10 +76,16 @@ class RolloutCollector:
         max_episode_steps: int | None = None,
         max_env_errors: int = 10,
         max_prompt_tokens: int | None = None,
+        env_timeout_s: float | None = None,
     ) -> None:
         check_ranges(
-            "data.{}", num_envs=num_envs, max_prompt_tokens=max_prompt_tokens, max_env_errors=max_env_errors
+            "data.{}",
+            num_envs=num_envs,
+            max_prompt_tokens=max_prompt_tokens,
+            max_env_errors=max_env_errors,
+            env_timeout_s=env_timeout_s,
         )
+        self.env_timeout_s = env_timeout_s
         self.agent = agent
         self.env_id = env_id
         self.num_envs = num_envs
@@ -118,6 +127,7 @@ class RolloutCollector:
         """
         if (steps_per_env is None) == (episodes_per_env is None):
             raise ValueError("give exactly one of steps_per_env and episodes_per_env")
+        check_env_timeout(self.env_timeout_s)
         torch.manual_seed(derive_seed(seed, epoch, rank, 1))
         play = _Play(self, (seed, epoch, rank), steps_per_env, episodes_per_env)
         self.actor.reset_counts()
@@ -163,7 +173,8 @@ class RolloutCollector:
         play.env_seconds += time.perf_counter() - start
 
     def _step(self, i: int, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.envs[i].step(action)
+        with env_deadline(self.env_timeout_s, f"step({action!r}) of env {i}"):
+            obs, reward, terminated, truncated, info = self.envs[i].step(action)
         if not math.isfinite(float(reward)):
             raise ValueError(f"the reward {reward!r} is not finite")
         return obs, float(reward), terminated, truncated, info
@@ -226,7 +237,8 @@ class _Play:
             env_seed = derive_seed(*self.run, i, 3, self.episode_count[i])
             self.episode_count[i] += 1
             try:
-                obs, info = env.reset(seed=env_seed)
+                with env_deadline(self.collector.env_timeout_s, f"reset(seed={env_seed}) of env {i}"):
+                    obs, info = env.reset(seed=env_seed)
                 break
             except Exception as err:  # noqa: BLE001 - any env failure is a counted fault
                 self.faults.record(f"reset(seed={env_seed}) of env {i}", err)

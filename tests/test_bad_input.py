@@ -13,6 +13,9 @@ import logging
 import math
 import re
 import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from llamagym_pl.tiny_model import build_tiny_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack-generate.yaml"
 FLAKY_ENV = "LlamaGymTest/FlakyBlackjack-v0"
+HANGING_ENV = "LlamaGymTest/HangingBlackjack-v0"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -379,6 +383,87 @@ def test_env_reset_raising_retries_with_the_next_seed(
     stats = play(c, tiny_policy, tiny_tokenizer)
     assert stats.env_errors == 2
     assert all(len(set(env.reset_seeds)) == len(env.reset_seeds) >= 2 for env in c.envs)
+
+
+class HangingEnv(gym.Wrapper):
+    """Blackjack whose ``step`` or ``reset`` sleeps forever on its ``at``-th call."""
+
+    def __init__(self, env: gym.Env, where: str, at: int) -> None:
+        super().__init__(env)
+        self.where, self.at = where, at
+        self.calls = 0
+        self.reset_seeds: list[int | None] = []
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self.reset_seeds.append(seed)
+        self.hang_on("reset")
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action: Any):
+        self.hang_on("step")
+        return self.env.step(action)
+
+    def hang_on(self, where: str) -> None:
+        if where == self.where:
+            self.calls += 1
+            if self.calls == self.at:
+                time.sleep(10**6)
+
+
+@pytest.mark.parametrize("where", ["step", "reset"])
+def test_env_that_hangs_is_a_fault_after_env_timeout_s(
+    where: str, tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    c = collector(num_envs=2, env_timeout_s=0.5)
+    c.envs = [HangingEnv(c.envs[0], where, at=2), c.envs[1]]
+    start = time.perf_counter()
+    stats = play(c, tiny_policy, tiny_tokenizer)
+    assert time.perf_counter() - start < 30  # the hang cost 0.5 s, not 10**6
+    assert stats.env_errors == 1
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # the handler is put back
+    if where == "reset":  # retried with the next seed, as a reset that raises
+        assert len(set(c.envs[0].reset_seeds)) == len(c.envs[0].reset_seeds) >= 3
+
+
+def make_hanging(**blackjack_kwargs: Any) -> gym.Env:
+    return HangingEnv(gym.make("Blackjack-v1", **blackjack_kwargs), "step", at=3)
+
+
+gym.register(HANGING_ENV, entry_point=make_hanging)
+
+
+def test_env_timeout_in_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    argv = args(tiny_model_dir, tmp_path, "--data.env_id", HANGING_ENV, "--data.env_timeout_s", "0.5")
+    cli = fit.build_cli(args=argv)
+    errors = read_scalars(cli.trainer.logger.log_dir)["rollout/env_errors"]
+    assert [v for _, v in errors] == [4.0]  # the third step of each of 4 envs
+
+
+def test_env_hanging_past_max_env_errors_aborts_naming_the_timeout(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    c = collector(num_envs=1, env_timeout_s=0.2, max_env_errors=0)
+    c.envs = [HangingEnv(c.envs[0], "step", at=1)]
+    with pytest.raises(RunAborted) as err:
+        play(c, tiny_policy, tiny_tokenizer)
+    assert "failed 1 times in one rollout, more than data.max_env_errors=0; last in step(" in str(err.value)
+    assert "EnvTimeout: step(" in str(err.value)
+    assert "of env 0 took longer than data.env_timeout_s=0.2" in str(err.value)
+
+
+def test_env_timeout_outside_the_main_thread_is_refused(
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    c = collector(num_envs=1, env_timeout_s=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(play, c, tiny_policy, tiny_tokenizer)
+        with pytest.raises(ConfigError, match=r"data.env_timeout_s=1.0 works in the main thread only"):
+            future.result()
+
+
+def test_env_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"data.env_timeout_s=0 must be > 0 \(or null: no limit\)"):
+        collector(env_timeout_s=0)
 
 
 @pytest.mark.parametrize("bad_reward", [math.nan, math.inf])
