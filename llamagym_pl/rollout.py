@@ -22,6 +22,7 @@ from llamagym_pl.actions import ActionStyle
 from llamagym_pl.actions.base import State
 from llamagym_pl.actor import Actor
 from llamagym_pl.checkpointing import raise_if_interrupted
+from llamagym_pl.env_faults import EnvFaults, check_env_timeout, env_deadline
 from llamagym_pl.episode import (
     Episode,
     InvalidActionPolicy,
@@ -30,7 +31,7 @@ from llamagym_pl.episode import (
     derive_seed,
     format_observation,
 )
-from llamagym_pl.guards import ConfigError, EnvFaults, check_env_timeout, check_ranges, env_deadline
+from llamagym_pl.guards import ConfigError, check_ranges
 from llamagym_pl.stats import RolloutStats, discrete_action_names
 
 RUNAWAY_FACTOR = 100
