@@ -38,9 +38,10 @@ from bench.gpu_timing import PeakMemory, TimedGenerate, bf16_autocast, decode_su
 from bench.limit import Clock
 from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.agents import BlackjackAgent
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
+from llamagym_pl.buffer import RolloutBuffer, build_buffer
 from llamagym_pl.episode import Episode
 from llamagym_pl.loading import build_policy, load_tokenizer
+from llamagym_pl.minibatches import MinibatchSampler
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import RolloutCollector
 from llamagym_pl.tiny_model import BOS, EOS, PAD, build_tiny_tokenizer, tiny_vocab

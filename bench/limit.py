@@ -212,7 +212,7 @@ def score_padding_fraction(lengths: Tensor, batch_size: int) -> float:
 
 def random_padding(lengths: Tensor, num_minibatches: int, update_epochs: int, seed: int = 0) -> float:
     """Share of padding if each random minibatch ran as one forward, not as forwards of similar
-    length (:func:`llamagym_pl.buffer.length_groups`): what the grouping saves."""
+    length (:func:`llamagym_pl.minibatches.length_groups`): what the grouping saves."""
     gen = torch.Generator().manual_seed(seed)
     shapes = []
     for _ in range(update_epochs):

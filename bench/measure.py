@@ -30,7 +30,8 @@ from bench.limit import (
 )
 from llamagym_pl.actions import GenerateStyle, RolloutDataset
 from llamagym_pl.agents import BlackjackAgent
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
+from llamagym_pl.buffer import RolloutBuffer, build_buffer
+from llamagym_pl.minibatches import MinibatchSampler
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.rollout import RolloutCollector
 from llamagym_pl.stats import RolloutStats

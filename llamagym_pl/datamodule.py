@@ -10,10 +10,11 @@ from torch.utils.data import DataLoader
 
 from llamagym_pl.actions import Rollout, RolloutDataset, ScoreNormalization, make_style
 from llamagym_pl.agent import Agent
-from llamagym_pl.buffer import MinibatchSampler, build_buffer
+from llamagym_pl.buffer import build_buffer
 from llamagym_pl.episode import InvalidActionPolicy, derive_seed
 from llamagym_pl.evaluation import evaluate
 from llamagym_pl.guards import check_ranges
+from llamagym_pl.minibatches import MinibatchSampler
 from llamagym_pl.rollout import RolloutCollector
 from llamagym_pl.sampling import refuse_truncation
 from llamagym_pl.stats import transcript

@@ -5,7 +5,7 @@ Each ``act`` is one turn of the rollout's own step (:class:`~llamagym_pl.rollout
 under its budget, the action style's reply, the invalid-action policy), recorded as an
 :class:`~llamagym_pl.episode.Episode`; once ``batch_size`` episodes are finished, one PPO
 iteration runs with the functions the Lightning path uses (:func:`~llamagym_pl.buffer.build_buffer`,
-:func:`~llamagym_pl.update.prepare_rollout`, :class:`~llamagym_pl.buffer.MinibatchSampler`,
+:func:`~llamagym_pl.update.prepare_rollout`, :class:`~llamagym_pl.minibatches.MinibatchSampler`,
 :func:`~llamagym_pl.update.minibatch_loss`, :func:`~llamagym_pl.update.make_optimizer`). The two
 paths differ only in who owns the loop, never in the PPO math: both styles (``policy``), the KL
 penalty (``kl_coef``) and the learning-rate schedule (``lr_schedule``) work in both.
@@ -34,10 +34,11 @@ from torch import nn
 from llamagym_pl import ppo
 from llamagym_pl.actions import RolloutDataset, make_style
 from llamagym_pl.actor import Actor
-from llamagym_pl.buffer import MinibatchSampler, RolloutBuffer, build_buffer
+from llamagym_pl.buffer import RolloutBuffer, build_buffer
 from llamagym_pl.episode import Episode, InvalidActions, PromptBudget, derive_seed, format_observation
 from llamagym_pl.imperative_setup import GENERATE_KEY, PPO_KEY, ImperativeConfig, as_policy, generation_kwargs
 from llamagym_pl.kl import KLController, ReferencePolicy
+from llamagym_pl.minibatches import MinibatchSampler
 from llamagym_pl.sampling import refuse_truncation
 from llamagym_pl.stats import RolloutStats, discrete_action_names, rollout_metrics
 from llamagym_pl.update import make_optimizer, minibatch_loss, prepare_rollout

@@ -95,7 +95,7 @@ def normalized_advantages(advantages: Tensor, mask: Tensor, norm_adv: bool, redu
 
 Minibatch = dict[str, Tensor] | list[dict[str, Tensor]]
 """One minibatch of ``style.minibatch`` tensors, or a list of its forwards (units of similar
-length, :func:`~llamagym_pl.buffer.length_groups`)."""
+length, :func:`~llamagym_pl.minibatches.length_groups`)."""
 
 
 def minibatch_loss(

@@ -10,8 +10,9 @@ from transformers import PreTrainedTokenizerBase
 from llamagym_pl import ppo
 from llamagym_pl.actions.generate import GenerateStyle
 from llamagym_pl.actions.generate import row_minibatch as minibatch
-from llamagym_pl.buffer import MAX_PADDING, MinibatchSampler, RolloutBuffer, build_buffer, length_groups
+from llamagym_pl.buffer import RolloutBuffer, build_buffer
 from llamagym_pl.episode import Episode
+from llamagym_pl.minibatches import MAX_PADDING, MinibatchSampler, length_groups
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.update import prepare_rollout
 

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from llamagym_pl.buffer import RolloutBuffer, length_groups
+from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import Message
 from llamagym_pl.episode import Episode, Reply
 from llamagym_pl.kl import ReferencePolicy
+from llamagym_pl.minibatches import length_groups
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.stats import RolloutStats
 
@@ -119,8 +120,8 @@ def read_rows(
 
 class RolloutDataset(Dataset):
     """Index access to a prepared buffer: an item is a whole minibatch of the style's training units
-    (rows or turns), as :class:`~llamagym_pl.buffer.MinibatchSampler` draws their indices, as a
-    list of forwards over units of similar length (:func:`~llamagym_pl.buffer.length_groups`)."""
+    (rows or turns), as :class:`~llamagym_pl.minibatches.MinibatchSampler` draws their indices, as a
+    list of forwards over units of similar length (:func:`~llamagym_pl.minibatches.length_groups`)."""
 
     def __init__(self, buffer: RolloutBuffer, style: ActionStyle) -> None:
         self.buffer = buffer
