@@ -156,16 +156,21 @@ def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return build_family_model(request.param, tokenizer, tmp_path_factory.mktemp(request.param))
 
 
-def test_cached_scoring_and_spans_on_real_architectures(family_dir: Path) -> None:
-    """Left padding, position ids and the reused KV cache are right for Llama, Qwen3, Gemma, GPT-2
-    (absolute positions), and the candidate spans are encode_episode's reply spans."""
-    tokenizer = load_tokenizer(str(family_dir))
-    policy = build_policy(str(family_dir)).eval()
+def assert_cached_equals_direct(policy: PolicyWithValueHead, tokenizer) -> None:
+    """The KV-cached distributions equal one unpadded forward per candidate ("token" normalization)."""
     got = scored_distributions(policy, tokenizer, "token")
     for conv, cands, probs in zip(conversations(tokenizer), CANDIDATES, got, strict=True):
         torch.testing.assert_close(
             probs, direct_distribution(policy, tokenizer, conv, cands, "token"), rtol=0, atol=1e-5
         )
+
+
+def test_cached_scoring_and_spans_on_real_architectures(family_dir: Path) -> None:
+    """Left padding, position ids and the reused KV cache are right for Llama, Qwen3, Gemma, GPT-2
+    (absolute positions), and the candidate spans are encode_episode's reply spans."""
+    tokenizer = load_tokenizer(str(family_dir))
+    policy = build_policy(str(family_dir)).eval()
+    assert_cached_equals_direct(policy, tokenizer)
     encoded = encode_candidates(tokenizer, conversations(tokenizer)[:1], [["hit", "stick"]])[0]
     for text, span in zip(["hit", "stick"], encoded.candidate_ids, strict=True):
         enc = encode_episode(tokenizer, SYSTEM, OBS[:1], [text])
@@ -425,8 +430,4 @@ def test_cached_scoring_is_exact_under_a_sliding_window(
     model_dir = build_family_model("gemma2", chatml_tokenizer, tmp_path / "gemma2")
     tokenizer = load_tokenizer(str(model_dir))
     policy = build_policy(str(model_dir)).eval()
-    got = scored_distributions(policy, tokenizer, "token")
-    for conv, cands, probs in zip(conversations(tokenizer), CANDIDATES, got, strict=True):
-        torch.testing.assert_close(
-            probs, direct_distribution(policy, tokenizer, conv, cands, "token"), rtol=0, atol=1e-5
-        )
+    assert_cached_equals_direct(policy, tokenizer)
