@@ -50,6 +50,7 @@ from torch import Tensor
 
 from llamagym_pl.chat import build_messages, prompt_token_ids
 from llamagym_pl.episode import Episode
+from llamagym_pl.estimators import group_ids
 from llamagym_pl.spans import encode_candidates
 
 
@@ -73,6 +74,8 @@ class RolloutBuffer:
     lengths: Tensor
     temperature: float = 1.0  # the sampling temperature: log-probs are scored at the same one
     actions: Any = None  # the style's own tensors (score mode: CandidateTurns), None: the rows
+    group: Tensor | None = None  # (E,) each episode's group (same initial state), for grpo/gigpo
+    anchor: Tensor | None = None  # (E, T) each turn's anchor state (group and observation), for gigpo
     old_logprobs: Tensor | None = None
     old_values: Tensor | None = None
     advantages: Tensor | None = None
@@ -213,6 +216,7 @@ def build_buffer(tokenizer, episodes: Sequence[Episode], temperature: float = 1.
         turn_index.append(index)
         if r.bootstrap:
             bootstrap_row[r.episode], bootstrap_position[r.episode] = i, len(r.ids) - 1
+    group = group_ids([ep.group for ep in episodes])
     # Rows are right padded as Python lists and become one tensor each: thousands of small
     # per-row tensors and slice assignments cost more than the whole list work.
     return RolloutBuffer(
@@ -235,7 +239,17 @@ def build_buffer(tokenizer, episodes: Sequence[Episode], temperature: float = 1.
         bootstrap_position=torch.tensor(bootstrap_position, dtype=torch.long),
         lengths=torch.tensor([len(r.ids) for r in rows]),
         temperature=temperature,
+        group=group,
+        anchor=_padded(_anchors(episodes, group.tolist()), max_turns, -1, torch.long),
     )
+
+
+def _anchors(episodes: Sequence[Episode], group: list[int]) -> list[list[int]]:
+    """Each turn's anchor-state group: turns of one group whose observation text is identical."""
+    played = [ep.observations[: ep.num_turns] for ep in episodes]
+    keys = [(g, obs) for g, observations in zip(group, played, strict=True) for obs in observations]
+    numbers = iter(group_ids(keys).tolist())
+    return [[next(numbers) for _ in range(ep.num_turns)] for ep in episodes]
 
 
 def _padded(rows: Sequence[Sequence], length: int, fill, dtype: torch.dtype) -> Tensor:

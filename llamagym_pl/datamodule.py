@@ -82,6 +82,12 @@ class RolloutDataModule(L.LightningDataModule):
             (observation, reply) pairs until it fits; the system prompt and the current
             observation are always kept, and a budget too small for those two alone is an error.
             Training uses exactly the shortened prompts; returns still run over whole episodes.
+        group_size: episodes per group for the critic-free estimators
+            (``model.advantage_estimator``: ``grpo``, ``gigpo``): envs side by side in groups of
+            this many play each episode from the same reset seed (the same initial state), and
+            a group's envs play equally many episodes (see
+            :class:`~llamagym_pl.rollout.RolloutCollector`). ``num_envs`` must be a multiple of it;
+            a group never spans DDP ranks. 1: no groups (GAE). Evaluation never groups.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class RolloutDataModule(L.LightningDataModule):
         policy: Literal["generate", "score"] = "generate",
         score_normalization: ScoreNormalization = "token",
         max_prompt_tokens: int | None = None,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(agent, Agent):
@@ -138,8 +145,9 @@ class RolloutDataModule(L.LightningDataModule):
         steps = self.hparams.steps_per_env
         return {"steps_per_env": DEFAULT_STEPS_PER_ENV if steps is None else steps}
 
-    def make_collector(self, num_envs: int) -> RolloutCollector:
-        """A collector with this module's env, agent and policy style."""
+    def make_collector(self, num_envs: int, group_size: int = 1) -> RolloutCollector:
+        """A collector with this module's env, agent and policy style (``group_size``: see
+        :class:`~llamagym_pl.rollout.RolloutCollector`)."""
         hp = self.hparams
         style = make_style(
             hp.policy,
@@ -159,11 +167,13 @@ class RolloutDataModule(L.LightningDataModule):
             "env_timeout_s",
         )
         settings = {name: hp[name] for name in (*names, "max_prompt_tokens")}
-        return RolloutCollector(hp.env_id, hp.env_kwargs, self.agent, num_envs, style, **settings)
+        return RolloutCollector(
+            hp.env_id, hp.env_kwargs, self.agent, num_envs, style, **settings, group_size=group_size
+        )
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.collector is None:
-            self.collector = self.make_collector(self.hparams.num_envs)
+            self.collector = self.make_collector(self.hparams.num_envs, self.hparams.group_size)
         if stage in ("fit", "validate") and self.eval_collector is None:
             self.eval_collector = self.make_collector(self.hparams.eval_num_envs)
 

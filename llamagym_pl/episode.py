@@ -8,6 +8,7 @@ these types, and nothing here knows about them.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,6 +80,9 @@ class Episode:
     prompt_ids: list[list[int]] = field(default_factory=list)
     response_ids: list[list[int]] = field(default_factory=list)
     candidate_ids: list[list[list[int]]] = field(default_factory=list)
+    # Critic-free estimators (model.advantage_estimator: grpo, gigpo): episodes with equal keys
+    # started from the same initial state (a group of data.group_size). None: a group of its own.
+    group: Hashable | None = None
 
     @property
     def done(self) -> bool:

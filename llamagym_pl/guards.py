@@ -60,6 +60,15 @@ def one_line_errors(prog: str, types: tuple[type[BaseException], ...]) -> Iterat
 
 
 # ----------------------------------------------------------------------------- config
+def check_group_size(num_envs: int, group_size: int) -> None:
+    """Refuse ``num_envs`` that are not whole groups of ``group_size`` (one line)."""
+    if num_envs % group_size:
+        raise ConfigError(
+            f"data.num_envs={num_envs} is not a multiple of data.group_size={group_size}: a group's "
+            f"episodes are played side by side, so set num_envs to a multiple of {group_size}"
+        )
+
+
 def check_config(model: Any, datamodule: Any) -> None:
     """Checks across model and data that would otherwise fail only once training runs."""
     tokenizer = model.tokenizer
@@ -77,6 +86,14 @@ def check_config(model: Any, datamodule: Any) -> None:
             f"model.num_minibatches={model.hparams.num_minibatches} is more than a rollout can have "
             f"episodes (data.num_envs x data.{budget} = {most}); lower it to at most {safe}"
         )
+    estimator, group_size = model.hparams.advantage_estimator, datamodule.hparams.group_size
+    if estimator != "gae" and group_size < 2:
+        raise ConfigError(
+            f"model.advantage_estimator={estimator} compares the episodes of a group, but "
+            f"data.group_size={group_size}: set data.group_size to 2 or more (e.g. 8), and data.num_envs "
+            "to a multiple of it"
+        )
+    check_group_size(datamodule.hparams.num_envs, group_size)
     datamodule.make_collector(1).close()  # the env id and kwargs, and the fallback action
 
 
@@ -93,6 +110,8 @@ RANGES: dict[str, tuple[str, Any, str]] = {
     "batch_size": (">=", 1, ""),
     "total_updates": (">=", 1, ""),
     "num_envs": (">=", 1, ""),
+    "group_size": (">=", 1, ""),
+    "step_advantage_weight": (">=", 0, ""),
     "eval_num_envs": (">=", 1, ""),
     "steps_per_env": (">=", 1, ""),
     "episodes_per_env": (">=", 1, ""),

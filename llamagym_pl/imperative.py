@@ -36,6 +36,7 @@ from llamagym_pl.actions import RolloutDataset, make_style
 from llamagym_pl.actor import Actor
 from llamagym_pl.buffer import RolloutBuffer, build_buffer
 from llamagym_pl.episode import Episode, InvalidActions, PromptBudget, derive_seed, format_observation
+from llamagym_pl.estimators import CRITIC_FREE, GroupEstimator
 from llamagym_pl.imperative_setup import GENERATE_KEY, PPO_KEY, ImperativeConfig, as_policy, generation_kwargs
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.minibatches import MinibatchSampler
@@ -70,7 +71,12 @@ class ImperativeTrainer:
             # Left padding needs a pad id; borrowing eos (as load_tokenizer does) leaves the vocab alone.
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.policy = as_policy(model)
+        self.estimator = (
+            GroupEstimator(cfg.advantage_estimator, cfg.group_std_norm, cfg.step_advantage_weight)
+            if cfg.advantage_estimator in CRITIC_FREE
+            else None
+        )
+        self.policy = as_policy(model, critic=self.estimator is None)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.policy.value_head.to(self.device)
         if any(p.device != self.device for p in self.policy.lm.parameters()):
@@ -174,6 +180,8 @@ class ImperativeTrainer:
         """One PPO iteration on the oldest ``batch_size`` finished episodes."""
         cfg = self.config
         episodes, self.episodes = self.episodes[: cfg.batch_size], self.episodes[cfg.batch_size :]
+        for i, ep in enumerate(episodes):  # consecutive episodes form the groups of grpo/gigpo
+            ep.group = i // cfg.group_size if cfg.group_size > 1 else None
         metrics = rollout_metrics(self._stats(episodes))
         metrics["rollout/invalid_actions"] = float(sum(sum(ep.invalid) for ep in episodes))
         buf = build_buffer(self.tokenizer, episodes, temperature=self.style.temperature)
@@ -186,9 +194,10 @@ class ImperativeTrainer:
             seed=derive_seed(cfg.seed or 0, self.num_updates, 4),
         )
         metrics.update(self._optimize(RolloutDataset(buf, self.style), sampler))
-        metrics["train/explained_variance"] = float(
-            ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
-        )
+        if self.policy.has_critic:
+            metrics["train/explained_variance"] = float(
+                ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
+            )
         metrics["train/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()  # the schedule counts PPO updates
         self.num_updates += 1
@@ -227,6 +236,7 @@ class ImperativeTrainer:
             self.reference,
             kl_coef,
             norm_adv=cfg.norm_adv,
+            estimator=self.estimator,
         )
         if self.reference is not None:
             metrics["train/kl_coef"] = kl_coef

@@ -100,6 +100,10 @@ class ImperativeConfig:
             minibatch RNGs; None leaves torch's RNG alone (the other RNGs then use 0).
         total_updates: the PPO updates ``lr_schedule: linear`` decays the learning rate over
             (to 0), as ``trainer.max_epochs`` does for ``PPOModule``.
+        group_size: for ``advantage_estimator: grpo/gigpo``: each ``group_size`` consecutive
+            episodes of a batch form a group (the script should reset them from the same seed:
+            ``env.reset(seed=...)``, else a group compares episodes from different states).
+            ``batch_size`` must be a multiple of it.
         settings: PPOModule's and the rollout's settings (see above).
     """
 
@@ -109,6 +113,7 @@ class ImperativeConfig:
     action_space: Any = None
     seed: int | None = None
     total_updates: int | None = None
+    group_size: int = 1
     settings: dict[str, Any] = field(default_factory=settings_defaults)
 
     def __getattr__(self, name: str) -> Any:
@@ -137,7 +142,18 @@ class ImperativeConfig:
 
     def validate(self) -> None:
         s = self.settings
-        check_ranges(PPO_KEY, batch_size=self.batch_size, total_updates=self.total_updates, **s)
+        own = {name: getattr(self, name) for name in ("batch_size", "total_updates", "group_size")}
+        check_ranges(PPO_KEY, **own, **s)
+        if s["advantage_estimator"] != "gae" and self.group_size < 2:
+            raise ValueError(
+                f"{PPO_KEY.format('advantage_estimator')}={s['advantage_estimator']!r} compares the episodes "
+                f"of a group: set {PPO_KEY.format('group_size')} to 2 or more"
+            )
+        if self.batch_size % self.group_size:
+            raise ValueError(
+                f"{PPO_KEY.format('batch_size')}={self.batch_size} is not a multiple of "
+                f"{PPO_KEY.format('group_size')}={self.group_size}: a batch holds whole groups"
+            )
         if s["num_minibatches"] > self.batch_size:
             raise ValueError(
                 f"num_minibatches={s['num_minibatches']} exceeds batch_size={self.batch_size} episodes"
@@ -175,8 +191,9 @@ def generation_kwargs(generate_config_dict: dict[str, Any] | None) -> dict[str, 
     return kwargs
 
 
-def as_policy(model: nn.Module) -> PolicyWithValueHead:
-    """Wrap a causal LM with our value head; a :class:`PolicyWithValueHead` passes through.
+def as_policy(model: nn.Module, critic: bool = True) -> PolicyWithValueHead:
+    """Wrap a causal LM with our value head (none without ``critic``: critic-free estimators); a
+    :class:`PolicyWithValueHead` passes through.
 
     Refuses trainable weights in half precision (:func:`half_precision_trainable`), then turns
     off every dropout of the user's model (:func:`disable_dropout`): updates run in train mode,
@@ -192,7 +209,7 @@ def as_policy(model: nn.Module) -> PolicyWithValueHead:
             raise TypeError(
                 f"model must be a Hugging Face causal LM (AutoModelForCausalLM), got {type(model)}"
             )
-        model = PolicyWithValueHead(model)
+        model = PolicyWithValueHead(model, critic=critic)
     half = half_precision_trainable(model)
     if half:
         dtype = model.get_parameter(half[0]).dtype

@@ -181,9 +181,11 @@ def build_policy(
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
     lora_target_modules: str | list[str] = "all-linear",
+    critic: bool = True,
     **load: Unpack[LoadOptions],
 ) -> PolicyWithValueHead:
-    """The LM (optionally quantized, optionally with LoRA) and a fresh value head.
+    """The LM (optionally quantized, optionally with LoRA) and a fresh value head (none without
+    ``critic``: critic-free estimators).
 
     See :func:`add_lora` and :func:`load_causal_lm` (``load``) for the arguments; ``lora_r=0`` trains all
     weights, which a quantized model cannot do, nor a half-precision one (its AdamW updates
@@ -208,7 +210,7 @@ def build_policy(
     # After LoRA, whose dropout layers go too: PPO's ratios need the update's log-probs (train
     # mode) to equal the rollout's (eval mode).
     log.info("%s: %d dropout probabilities set to 0", name_or_path, disable_dropout(lm))
-    return PolicyWithValueHead(lm)
+    return PolicyWithValueHead(lm, critic=critic)
 
 
 def _half_full_finetuning(dtype: str) -> str:

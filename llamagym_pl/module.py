@@ -18,6 +18,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions import Rollout
+from llamagym_pl.estimators import CRITIC_FREE, EstimatorName, GroupEstimator
 from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits, check_ranges
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.loading import LoadOptions, Quantization, build_policy, load_tokenizer
@@ -73,6 +74,15 @@ class PPOModule(L.LightningModule):
         kl_horizon: the adaptive controller's horizon, in turns.
         max_nonfinite_steps: a minibatch whose loss is NaN/inf is skipped (no update; counted in
             ``train/nonfinite_steps``, and logged); this many in a row abort training.
+        advantage_estimator: ``gae`` (a value head, GAE), or a critic-free one over groups of
+            ``data.group_size`` episodes from one initial state (:mod:`llamagym_pl.estimators`):
+            ``grpo`` (each episode's return against its group's) or ``gigpo`` (that, plus each
+            turn's return-to-go against the turns of its group from the same observation). The
+            critic-free ones build no value head and have no value loss (``vf_coef``,
+            ``clip_vloss``, ``gae_lambda`` and ``norm_adv`` unused).
+        group_std_norm: divide group advantages by the group's standard deviation (GRPO);
+            False: only subtract the group mean (Dr. GRPO).
+        step_advantage_weight: ``gigpo``'s weight of the step-level (anchor-state) advantage.
     """
 
     def __init__(
@@ -107,6 +117,9 @@ class PPOModule(L.LightningModule):
         target_kl_ref: float | None = None,
         kl_horizon: int = 10_000,
         max_nonfinite_steps: int = 3,
+        advantage_estimator: EstimatorName = "gae",
+        group_std_norm: bool = True,
+        step_advantage_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,7 +135,11 @@ class PPOModule(L.LightningModule):
             "lora_target_modules",
             *LoadOptions.__annotations__,
         ]
-        self.policy = build_policy(**{name: self.hparams[name] for name in policy_args})
+        critic = advantage_estimator not in CRITIC_FREE
+        self.policy = build_policy(**{name: self.hparams[name] for name in policy_args}, critic=critic)
+        self.estimator = (
+            None if critic else GroupEstimator(advantage_estimator, group_std_norm, step_advantage_weight)
+        )
         self.kl_ctl = KLController(kl_coef, target_kl_ref, kl_horizon)
         # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
         self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None
@@ -148,6 +165,7 @@ class PPOModule(L.LightningModule):
                 kl_coef,
                 norm_adv=hp.norm_adv,
                 reduce=self._sum_over_ranks,
+                estimator=self.estimator,
             )
         metrics.update(prepared)
         if self.reference is not None:
@@ -224,8 +242,9 @@ class PPOModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         buf = self.rollout.buffer
-        ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
-        self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
+        if self.policy.has_critic:
+            ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
+            self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
         self.log("train/nonfinite_steps", float(self._nonfinite.skipped), on_epoch=True)
 

@@ -32,18 +32,34 @@ class ValueHead(nn.Module):
             return self.summary(hidden.float()).squeeze(-1)  # (B, L)
 
 
+class NoCritic(nn.Module):
+    """The value head of a critic-free policy (``model.advantage_estimator``: ``grpo``, ``gigpo``):
+    no parameters, every value 0, so nothing is built, trained or saved for a critic."""
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.zeros(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)  # (B, L)
+
+
 class PolicyWithValueHead(nn.Module):
     """Wraps a causal LM (plain, peft or quantized) and a :class:`ValueHead`.
 
     ``forward`` returns next-token logits and per-position values from the same pass; the value
-    at position ``i`` estimates the return of the state whose prompt ends at token ``i``.
+    at position ``i`` estimates the return of the state whose prompt ends at token ``i``. With
+    ``critic=False`` there is no value head (:class:`NoCritic`: values are 0).
     """
 
-    def __init__(self, lm: nn.Module, value_head: ValueHead | None = None) -> None:
+    def __init__(self, lm: nn.Module, value_head: ValueHead | None = None, critic: bool = True) -> None:
         super().__init__()
         self.lm = lm
-        hidden = _hidden_size(lm)
-        self.value_head = value_head if value_head is not None else ValueHead(hidden)
+        if not critic:
+            self.value_head: nn.Module = NoCritic()
+        else:
+            self.value_head = value_head if value_head is not None else ValueHead(_hidden_size(lm))
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether the values come from a trained value head (else they are all 0)."""
+        return not isinstance(self.value_head, NoCritic)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, all_logits: bool = True

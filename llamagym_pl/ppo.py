@@ -271,10 +271,10 @@ def ppo_objective(
     old_logprobs: Tensor,
     advantages: Tensor,
     entropy: Tensor,
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    value_mask: Tensor,
+    values: Tensor | None,
+    old_values: Tensor | None,
+    returns: Tensor | None,
+    value_mask: Tensor | None,
     clip_coef: float,
     clip_vloss: bool,
     vf_coef: float,
@@ -287,19 +287,24 @@ def ppo_objective(
     N actions (response tokens, or scored turns), advantages already normalized (once per
     rollout). values (with grad), old_values, returns, value_mask: the minibatch's turns, any
     shape. The clipped surrogate is :func:`policy_loss`, the value loss :func:`value_loss`
-    (clipped around the old values when ``clip_vloss``).
+    (clipped around the old values when ``clip_vloss``). ``values`` None: a critic-free policy,
+    no value term (and no ``train/value_loss``).
     """
     every = torch.ones_like(logprobs, dtype=torch.bool)
     pg_loss, clipfrac, kl = policy_loss(logprobs, old_logprobs, advantages, every, clip_coef)
     entropy = entropy.mean()
-    v_loss = value_loss(values, old_values, returns, value_mask, clip_coef if clip_vloss else None)
-    loss = pg_loss - ent_coef * entropy + vf_coef * v_loss
-    metrics = {
-        "train/policy_loss": pg_loss.detach(),
-        "train/value_loss": v_loss.detach(),
-        "train/entropy": entropy.detach(),
-        "train/approx_kl": kl,
-        "train/clipfrac": clipfrac,
-        "train/loss": loss.detach(),
-    }
+    loss = pg_loss - ent_coef * entropy
+    metrics = {"train/policy_loss": pg_loss.detach()}
+    if values is not None:
+        v_loss = value_loss(values, old_values, returns, value_mask, clip_coef if clip_vloss else None)
+        loss = loss + vf_coef * v_loss
+        metrics["train/value_loss"] = v_loss.detach()
+    metrics.update(
+        {
+            "train/entropy": entropy.detach(),
+            "train/approx_kl": kl,
+            "train/clipfrac": clipfrac,
+            "train/loss": loss.detach(),
+        }
+    )
     return loss, metrics

@@ -31,7 +31,7 @@ from llamagym_pl.episode import (
     derive_seed,
     format_observation,
 )
-from llamagym_pl.guards import ConfigError, check_ranges
+from llamagym_pl.guards import ConfigError, check_group_size, check_ranges
 from llamagym_pl.stats import RolloutStats, discrete_action_names
 
 RUNAWAY_FACTOR = 100
@@ -62,6 +62,11 @@ class RolloutCollector:
         env_timeout_s: seconds an ``env.step``/``env.reset`` may take (None: no limit); one that
             takes longer is interrupted (SIGALRM: Unix, main thread) and is a fault, as if it
             raised.
+        group_size: envs ``g * group_size .. (g + 1) * group_size - 1`` form group ``g``: their
+            ``k``-th episodes start from the same reset seed (one initial state), and each has
+            ``Episode.group = (g, k)``, for the critic-free estimators
+            (:mod:`llamagym_pl.estimators`). A group's envs play equally many episodes: one
+            whose budget ran out plays on while a group mate has started more. 1: no groups.
     """
 
     def __init__(
@@ -78,15 +83,19 @@ class RolloutCollector:
         max_env_errors: int = 10,
         max_prompt_tokens: int | None = None,
         env_timeout_s: float | None = None,
+        group_size: int = 1,
     ) -> None:
         check_ranges(
             "data.{}",
             num_envs=num_envs,
+            group_size=group_size,
             max_prompt_tokens=max_prompt_tokens,
             max_env_errors=max_env_errors,
             env_timeout_s=env_timeout_s,
         )
+        check_group_size(num_envs, group_size)
         self.env_timeout_s = env_timeout_s
+        self.group_size = group_size
         self.agent = agent
         self.env_id = env_id
         self.num_envs = num_envs
@@ -220,22 +229,31 @@ class _Play:
         self.env_steps, self.env_seconds = 0, 0.0
         self.system = collector.agent.get_system_prompt()
         for i in range(n):
-            if self.has_budget(i):
+            if self.current[i] is None and self.has_budget(i):  # a group mate may have started it
                 self.start_episode(i)
 
     def active(self) -> list[int]:
         return [i for i, ep in enumerate(self.current) if ep is not None]
 
+    def group_mates(self, i: int) -> range:
+        """The envs of env ``i``'s group (itself included)."""
+        size = self.collector.group_size
+        return range(i - i % size, i - i % size + size)
+
     def has_budget(self, i: int) -> bool:
-        """May env ``i`` start another episode?"""
+        """May env ``i`` start another episode? Also when a group mate has started more: a
+        group's episodes come in full sets."""
+        if max(self.episode_count[j] for j in self.group_mates(i)) > self.episode_count[i]:
+            return True
         if self.steps_per_env is not None:
             return self.turns[i] < self.steps_per_env
         return self.episodes_left[i] > 0
 
     def start_episode(self, i: int) -> None:
-        env = self.collector.envs[i]
+        env, size = self.collector.envs[i], self.collector.group_size
         while True:  # a failed reset is a fault: retried with the next seed
-            env_seed = derive_seed(*self.run, i, 3, self.episode_count[i])
+            # A group shares its seeds (with group_size 1, each env is its own group).
+            env_seed = derive_seed(*self.run, i // size, 3, self.episode_count[i])
             self.episode_count[i] += 1
             try:
                 with env_deadline(self.collector.env_timeout_s, f"reset(seed={env_seed}) of env {i}"):
@@ -244,9 +262,14 @@ class _Play:
             except Exception as err:  # noqa: BLE001 - any env failure is a counted fault
                 self.faults.record(f"reset(seed={env_seed}) of env {i}", err)
         self.current[i] = Episode(
-            system_prompt=self.system, observations=[format_observation(self.collector.agent, obs)]
+            system_prompt=self.system,
+            observations=[format_observation(self.collector.agent, obs)],
+            group=(i // size, self.episode_count[i] - 1) if size > 1 else None,
         )
         self.state[i] = (obs, info)
+        for j in self.group_mates(i):  # wake group mates whose budget ran out: they play this seed too
+            if self.current[j] is None and self.episode_count[j] < self.episode_count[i]:
+                self.start_episode(j)
 
     def finish(self, i: int) -> None:
         self.finished.append(self.current[i])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from llamagym_pl import ppo
 from llamagym_pl.actions import ActionStyle
 from llamagym_pl.buffer import RolloutBuffer
+from llamagym_pl.estimators import GroupEstimator, group_advantages, returns_to_go
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.policy import PolicyWithValueHead
 
@@ -36,6 +37,7 @@ def prepare_rollout(
     *,
     norm_adv: bool = True,
     reduce: Reduce | None = None,
+    estimator: GroupEstimator | None = None,
 ) -> dict[str, float]:
     """Fill ``buf`` with old log-probs, turn values, GAE and the policy loss's advantages: the one
     no-grad pass over a rollout, in eval mode (``batch_size`` rows, or turns, per forward).
@@ -53,6 +55,12 @@ def prepare_rollout(
     ``buf.advantages`` are GAE's plus each turn's format penalty; ``buf.pg_advantages``, what the
     policy loss uses, are those normalized once over the whole rollout (``norm_adv``), with
     moments summed over DDP ranks by ``reduce``.
+
+    A critic-free ``estimator`` (:mod:`llamagym_pl.estimators`: ``grpo``, ``gigpo``) replaces GAE:
+    advantages compare the episodes of each group (``buf.group``), already normalized within
+    their groups, so ``norm_adv`` does not whiten them again (that would move the exact zeros of
+    groups with nothing to compare); ``buf.returns`` are the returns-to-go, for diagnostics.
+    The policy then has no critic: its values are 0 and nothing bootstraps.
     """
     was_training = policy.training
     policy.eval()
@@ -61,18 +69,23 @@ def prepare_rollout(
     finally:
         policy.train(was_training)
     rewards = buf.rewards if kl is None else buf.rewards - kl_coef * kl
-    advantages, buf.returns = ppo.compute_gae(
-        rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
-    )
+    if estimator is None:
+        advantages, buf.returns = ppo.compute_gae(
+            rewards, buf.old_values, buf.turn_mask, next_value, buf.terminated, gamma, gae_lambda
+        )
+        metrics["rollout/value_mean"] = float(ppo.masked_mean(buf.old_values, buf.turn_mask))
+    else:
+        advantages, estimator_metrics = group_advantages(
+            estimator, rewards, buf.turn_mask, buf.group, buf.anchor, gamma
+        )
+        buf.returns = returns_to_go(rewards, buf.turn_mask, gamma)
+        metrics.update(estimator_metrics)
     # Format penalties act on their own turn only (see Episode.penalties); returns, the value
     # targets, stay pure env returns.
     buf.advantages = advantages + buf.penalties * buf.turn_mask
-    buf.pg_advantages = normalized_advantages(buf.advantages, buf.turn_mask, norm_adv, reduce)
-    return {
-        "rollout/value_mean": float(ppo.masked_mean(buf.old_values, buf.turn_mask)),
-        "rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)),
-        **metrics,
-    }
+    whiten = norm_adv and estimator is None
+    buf.pg_advantages = normalized_advantages(buf.advantages, buf.turn_mask, whiten, reduce)
+    return {"rollout/advantage_mean": float(ppo.masked_mean(buf.advantages, buf.turn_mask)), **metrics}
 
 
 def normalized_advantages(advantages: Tensor, mask: Tensor, norm_adv: bool, reduce: Reduce | None) -> Tensor:
@@ -118,15 +131,22 @@ def minibatch_loss(
     parts = [batch] if isinstance(batch, dict) else batch
     terms = [style.logprobs(policy, part) for part in parts]
     turns = [part["turn_mask"] for part in parts]
+    value_terms = (
+        (
+            torch.cat([t.values[m] for t, m in zip(terms, turns, strict=True)]),
+            torch.cat([part["old_values"][m] for part, m in zip(parts, turns, strict=True)]),
+            torch.cat([part["returns"][m] for part, m in zip(parts, turns, strict=True)]),
+            torch.cat([m[m] for m in turns]),
+        )
+        if policy.has_critic
+        else (None, None, None, None)  # critic-free: no value term
+    )
     return ppo.ppo_objective(
         torch.cat([t.logprobs for t in terms]),
         torch.cat([t.old_logprobs for t in terms]),
         torch.cat([t.advantages for t in terms]),
         torch.cat([t.entropy for t in terms]),
-        torch.cat([t.values[m] for t, m in zip(terms, turns, strict=True)]),
-        torch.cat([part["old_values"][m] for part, m in zip(parts, turns, strict=True)]),
-        torch.cat([part["returns"][m] for part, m in zip(parts, turns, strict=True)]),
-        torch.cat([m[m] for m in turns]),
+        *value_terms,
         clip_coef,
         clip_vloss,
         vf_coef,

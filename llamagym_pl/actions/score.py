@@ -164,7 +164,7 @@ class ScoreStyle:
         ends with its prompt; 0 for a terminated episode (which bootstraps nothing)."""
         next_value = torch.zeros(len(buf.terminated))
         truncated = (~buf.terminated).nonzero().squeeze(1)  # (E',)
-        if len(truncated):
+        if len(truncated) and policy.has_critic:  # a critic-free policy's values are all 0
             rows = read_rows(policy, buf, batch_size, rows=buf.bootstrap_row[truncated])  # (E', L)
             next_value[truncated] = rows[torch.arange(len(truncated)), buf.bootstrap_position[truncated]]
         return next_value
