@@ -23,6 +23,9 @@ Layout (R rows, L tokens; E episodes, T turns):
 - Rows that hold turns come first (``num_train_rows``, the ones minibatches are drawn from);
   after them, rows holding only the prompt of a cut episode's next state, when budgeting made
   it shorter than the episode's last row.
+- ``group``: (E,) each episode's group (episodes from one initial state, ``Episode.group``);
+  ``anchor``: (E, T) each turn's anchor state (its group and observation text); what the
+  critic-free estimators compare (:mod:`llamagym_pl.estimators`).
 - ``actions``: what the action style trains on beyond the rows (score mode: every turn's
   candidates, :class:`~llamagym_pl.actions.candidates.CandidateTurns`); None when it trains on
   the rows themselves (generated replies).

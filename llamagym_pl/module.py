@@ -3,8 +3,9 @@
 One Lightning epoch is one PPO iteration: :class:`~llamagym_pl.datamodule.RolloutDataModule`
 plays a fresh rollout with the current policy and hands it over (its ``rollout``: the buffer, its
 statistics and the action style), :meth:`PPOModule.on_train_epoch_start` prepares it (old
-log-probs, values, KL, advantages with GAE), then every training batch is one minibatch step of
-the clipped surrogate + value + entropy loss.
+log-probs, values, KL, advantages with GAE, or with a critic-free estimator over groups of
+episodes), then every training batch is one minibatch step of the clipped surrogate + value +
+entropy loss (no value term without a critic).
 """
 
 from __future__ import annotations

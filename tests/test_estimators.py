@@ -251,3 +251,22 @@ def test_the_imperative_loop_refuses_groups_that_cannot_work(tiny_model_dir: Pat
         BlackjackAgent(model, tokenizer, "cpu", None, {"batch_size": 8, "group_size": 3}).act((12, 3, 0))
     with pytest.raises(ValueError, match=r"set ppo_config_dict\['group_size'\] to 2 or more"):
         BlackjackAgent(model, tokenizer, "cpu", None, {"advantage_estimator": "gigpo"}).act((12, 3, 0))
+
+
+def test_a_grouped_run_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def run(out: Path, epochs: int, *extra: str) -> dict[str, list]:
+        grouped = ("--model.advantage_estimator", "gigpo", "--data.group_size", "2")
+        constant = ("--model.lr_schedule", "constant")  # a linear one depends on max_epochs
+        cli = fit.build_cli(
+            tiny_run_args(CONFIG, tiny_model_dir, out, *grouped, *constant, *extra, epochs=epochs)
+        )
+        return read_scalars(cli.trainer.logger.log_dir)
+
+    whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "part", 2)
+    resumed = run(tmp_path / "part", 3, "--ckpt_path", "last")
+    split = max(s for s, v in whole["epoch"] if v == 1)
+    for tag, points in whole.items():
+        if not tag.endswith("_s"):
+            assert [p for p in resumed[tag] if p[0] > split] == [p for p in points if p[0] > split], tag
+    assert [v for s, v in resumed["epoch"] if s > split] == [2.0]
