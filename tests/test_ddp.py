@@ -169,6 +169,14 @@ def _kill(rank: int, epoch: int, phase: str, out_dir: Path) -> list[str]:
     ]
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process nobody reaped yet has an empty command line)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except FileNotFoundError:
+        return False
+
+
 def _lost_rank_line(stderr: str, lost: int, survivor: int) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("llamagym_pl.fit: error: ")]
     assert len(lines) == 1, stderr[-3000:]
@@ -214,9 +222,7 @@ def test_a_lost_rank_stops_the_other_with_one_line_and_last_resumes_exactly(
     assert proc.returncode == -signal.SIGKILL
     _lost_rank_line(proc.stderr, lost=0, survivor=1)
     assert "Traceback" not in proc.stderr
-    assert not Path(f"/proc/{(tmp_path / 'k0' / 'pid1').read_text()}/cmdline").read_text(), (
-        "rank 1 still runs"
-    )
+    assert not _running(int((tmp_path / "k0" / "pid1").read_text())), "rank 1 still runs"
 
     _fit(tmp_path, tiny_model_dir, *epochs, "--ckpt_path", "last")
     print(f"survivors stopped {stopped_after:.1f} s after the kill; 3 runs: {time.monotonic() - began:.0f} s")
