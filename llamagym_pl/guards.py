@@ -14,7 +14,11 @@ What goes wrong, and what happens (the README's "Failure modes" section says the
   another model): :class:`ConfigError` naming the file, before training (:func:`read_checkpoint`,
   :func:`check_checkpoint_fits`);
 - a crash: checkpoints are written atomically, so ``last.ckpt`` is always a whole epoch; Ctrl-C
-  also saves ``interrupted.ckpt`` (both in :mod:`llamagym_pl.checkpointing`).
+  also saves ``interrupted.ckpt``; a full disk is one line, the old ``last.ckpt`` kept (all in
+  :mod:`llamagym_pl.checkpointing`);
+- preemption (SIGTERM, SLURM's SIGUSR1): stop at the next step, one line, status 128 + signal
+  (:mod:`llamagym_pl.preemption`); a lost DDP rank: one line on the survivors
+  (:mod:`llamagym_pl.lost_rank`).
 """
 
 from __future__ import annotations
