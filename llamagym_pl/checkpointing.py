@@ -1,12 +1,15 @@
 """Safe saves: checkpoints written atomically, and Ctrl-C delivered at a safe point.
 
-A crash at any moment leaves ``last.ckpt`` a whole epoch (:class:`AtomicCheckpointIO`); Ctrl-C
-stops at the next training or rollout step and saves ``interrupted.ckpt``
-(:class:`InterruptCheckpoint`); see :mod:`llamagym_pl.guards` for the rest of the failure modes.
+A crash at any moment leaves ``last.ckpt`` a whole epoch (:class:`AtomicCheckpointIO`; a full disk
+is :class:`NoSpaceToSave`, the old file kept); Ctrl-C stops at the next training or rollout step
+and saves ``interrupted.ckpt`` (:class:`InterruptCheckpoint`), a scheduler's SIGTERM/SIGUSR1 stops
+there too (:mod:`llamagym_pl.preemption`); see :mod:`llamagym_pl.guards` for the rest of the
+failure modes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -17,6 +20,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from llamagym_pl.guards import RunAborted
+from llamagym_pl.preemption import Preempted, raise_if_preempted, received_signal
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     dir and commits with ``shutil.move``, which is a rename only when that dir shares a
     filesystem with the checkpoint (else a copy a crash can cut short), never fsyncs, and leaks
     the staged file if the process dies before the move. Remote paths keep Lightning's way.
+    A disk that fills up (or a quota, or a file size limit) is :class:`NoSpaceToSave`.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -43,8 +50,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            no_space = _no_space(err)
+            if no_space is not None:
+                raise NoSpaceToSave(path, checkpoint_nbytes(checkpoint), no_space) from err
             raise
         if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -52,6 +62,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Disk full, quota exceeded, file size limit (``ulimit -f``): no room for the checkpoint."""
+
+
+class NoSpaceToSave(RunAborted):
+    """A checkpoint did not fit on its disk; the previous one is untouched and no partial file
+    is left (so ``--ckpt_path last`` resumes the last whole epoch)."""
+
+    def __init__(self, path: Path, nbytes: int, err: OSError) -> None:
+        super().__init__(
+            f"no space to save checkpoint in {path.parent} (needs ~{nbytes / 2**20:.1f} MB, "
+            f"OSError: [Errno {err.errno}] {err.strerror}); free space there or set "
+            "checkpoint.dirpath to a disk with room, then resume the last whole epoch with "
+            "--ckpt_path last"
+        )
+
+
+def _no_space(err: BaseException | None) -> OSError | None:
+    """The out-of-space ``OSError`` behind ``err``, if any: ``torch.save`` reports a failed write
+    as a ``RuntimeError`` whose context is the ``OSError``."""
+    for _ in range(8):  # a chain is short; a cycle must not loop forever
+        if err is None:
+            return None
+        if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def checkpoint_nbytes(obj: Any) -> int:
+    """The bytes of the tensors in a checkpoint (nested dicts, lists, tuples): about its file size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(checkpoint_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(checkpoint_nbytes(v) for v in obj)
+    return 0
 
 
 _interrupt_requested = False
@@ -77,11 +127,13 @@ def defer_interrupts() -> None:
 
 
 def raise_if_interrupted() -> None:
-    """Raise the ``KeyboardInterrupt`` that a deferred Ctrl-C asked for, if any."""
+    """Raise the ``KeyboardInterrupt`` that a deferred Ctrl-C asked for, if any, or the
+    :class:`~llamagym_pl.preemption.Preempted` of a scheduler's signal."""
     global _interrupt_requested
     if _interrupt_requested:
         _interrupt_requested = False
         raise KeyboardInterrupt
+    raise_if_preempted()
 
 
 class InterruptCheckpoint(L.Callback):
@@ -99,6 +151,15 @@ class InterruptCheckpoint(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        signum = received_signal() or 0
+        if trainer.world_size > 1:
+            # DDP: a rank that alone was signalled must not leave the others waiting in the
+            # gradient all-reduce, so the ranks stop together if any of them was.
+            signum = int(
+                trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max")
+            )
+        if signum:
+            raise Preempted(signum)
         raise_if_interrupted()
 
     def on_exception(

@@ -7,13 +7,17 @@ prints the full resolved config, and ``--ckpt_path last`` resumes from the newes
 
 Config errors (and training aborted on purpose, see :mod:`llamagym_pl.guards`) print as one
 line; checkpoints are written atomically and resumed with ``weights_only``; Ctrl-C saves
-``interrupted.ckpt`` and exits with status 1.
+``interrupted.ckpt`` and exits with status 1; SIGTERM (and SLURM's SIGUSR1, which also requeues
+the job) stops at the next step with one line and status 128 + the signal
+(:mod:`llamagym_pl.preemption`); a lost DDP rank stops the others with one line
+(:mod:`llamagym_pl.lost_rank`); every such line ends with the command that resumes.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llamagym_pl.checkpointing import InterruptCheckpoint, defer_interrupts
 from llamagym_pl.datamodule import RolloutDataModule
@@ -33,7 +38,16 @@ from llamagym_pl.guards import (
     one_line_errors,
     read_checkpoint,
 )
+from llamagym_pl.lost_rank import rank_lost
 from llamagym_pl.module import PPOModule
+from llamagym_pl.preemption import (
+    REQUEUE_SIGNAL,
+    Preempted,
+    defer_preemption,
+    on_slurm,
+    received_signal,
+    requeue_slurm_job,
+)
 
 TRAINER_DEFAULTS = {
     "max_epochs": 100,
@@ -144,8 +158,31 @@ def fit(cli: LlamaGymCLI) -> None:
     local = ckpt_file(cli, ckpt_path)
     if local is not None:  # a torn or foreign file: one line now, not a traceback from Lightning
         check_checkpoint_fits(cli.model, read_checkpoint(local), local)
-    # weights_only: resuming runs no pickled code (the checkpoint holds plain values only).
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    trainer = cli.trainer
+    try:
+        # weights_only: resuming runs no pickled code (the checkpoint holds plain values only).
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except (Preempted, SIGTERMException) as err:  # the latter: Lightning's own stop on SIGTERM
+        signum = getattr(err, "signum", None) or received_signal() or signal.SIGTERM
+        detail = f" in epoch {trainer.current_epoch}, which is abandoned; {resume_hint(cli)}"
+        if signum == REQUEUE_SIGNAL and on_slurm() and trainer.global_rank == 0:
+            detail += f"; requeued SLURM job {requeue_slurm_job()}"
+        raise Preempted(signum, detail) from err
+    except Exception as err:
+        lost = rank_lost(err, trainer.global_rank, trainer.world_size, resume_hint(cli))
+        if lost is None:
+            raise
+        raise lost from err
+
+
+def resume_hint(cli: LlamaGymCLI) -> str:
+    """Where the run's last whole epoch is, and the command that resumes from it."""
+    configs = " ".join(f"--config {c}" for c in cli.config.get("config") or [])
+    command = f"`python -m llamagym_pl.fit {configs} ... --ckpt_path last`".replace("  ", " ")
+    last = ckpt_file(cli, "last")
+    if last is None:
+        return f"no epoch was saved yet: run again from the start (or {command}, which starts over too)"
+    return f"{last} holds the epochs before it: resume with {command} (the same flags)"
 
 
 def ckpt_file(cli: LlamaGymCLI, ckpt_path: str | None) -> str | None:
@@ -169,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors("llamagym_pl.fit", SETUP_ERRORS):
         cli = build_cli(argv, run_fit=False)
     defer_interrupts()  # Ctrl-C stops at the next step, where shutting down is safe
+    defer_preemption()  # so do a scheduler's SIGTERM and SLURM's SIGUSR1
     with one_line_errors("llamagym_pl.fit", (LlamaGymError,)):
         fit(cli)
 

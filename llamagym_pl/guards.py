@@ -14,7 +14,11 @@ What goes wrong, and what happens (the README's "Failure modes" section says the
   another model): :class:`ConfigError` naming the file, before training (:func:`read_checkpoint`,
   :func:`check_checkpoint_fits`);
 - a crash: checkpoints are written atomically, so ``last.ckpt`` is always a whole epoch; Ctrl-C
-  also saves ``interrupted.ckpt`` (both in :mod:`llamagym_pl.checkpointing`).
+  also saves ``interrupted.ckpt``; a full disk is one line, the old ``last.ckpt`` kept (all in
+  :mod:`llamagym_pl.checkpointing`);
+- preemption (SIGTERM, SLURM's SIGUSR1): stop at the next step, one line, status 128 + signal
+  (:mod:`llamagym_pl.preemption`); a lost DDP rank: one line on the survivors
+  (:mod:`llamagym_pl.lost_rank`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import math
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +44,10 @@ DEBUG_ENV = "LLAMAGYM_PL_DEBUG"
 class LlamaGymError(Exception):
     """An error whose message says what to fix; the CLI prints it without a traceback."""
 
+    label = "error: "
+    """What the CLI prints between its name and the message."""
+    exit_status = 1
+
 
 class ConfigError(LlamaGymError, ValueError):
     """A setting, model or checkpoint that cannot work with the rest of the config."""
@@ -50,13 +59,20 @@ class RunAborted(LlamaGymError, RuntimeError):
 
 @contextmanager
 def one_line_errors(prog: str, types: tuple[type[BaseException], ...]) -> Iterator[None]:
-    """Turn ``types`` of errors into ``prog: error: <message>`` on stderr and exit status 1."""
+    """Turn ``types`` of errors into ``prog: error: <message>`` on stderr and exit status 1 (a
+    :class:`LlamaGymError` may say otherwise: its ``label`` and ``exit_status``)."""
     try:
         yield
     except types as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        raise SystemExit(f"{prog}: error: {err}\n(set {DEBUG_ENV}=1 for the traceback)") from None
+        label, status = getattr(err, "label", "error: "), getattr(err, "exit_status", 1)
+        hint = f"\n(set {DEBUG_ENV}=1 for the traceback)" if label == "error: " else ""
+        message = f"{prog}: {label}{err}{hint}"
+        if status == 1:
+            raise SystemExit(message) from None  # Python prints it and exits with 1
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(status) from None
 
 
 # ----------------------------------------------------------------------------- config

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from fit_runs import deterministic_after, environment, saved
 from run_args import tiny_run_args
 
 from llamagym_pl.checkpointing import (
@@ -30,7 +31,6 @@ from llamagym_pl.tb import read_scalars
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "blackjack.yaml"
 EPOCHS = 6
-Scalars = dict[str, list[tuple[int, float]]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,11 +50,6 @@ def command(model_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def environment() -> dict[str, str]:
-    # One thread per run: the machine is shared, and every run must compute the same floats.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def run(model_dir: Path, out: Path, *extra: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
@@ -71,15 +66,6 @@ def start(model_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def saved(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None before the first save. Any other failure to load it
-    (a half-written file) fails the test."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        return None
-
-
 def wait_for_epoch(proc: subprocess.Popen, path: Path, epoch: int, out: Path) -> None:
     """Poll until ``path`` holds ``epoch`` or later, while ``proc`` is still running."""
     deadline = time.monotonic() + 240
@@ -93,13 +79,6 @@ def wait_for_epoch(proc: subprocess.Popen, path: Path, epoch: int, out: Path) ->
             )
         time.sleep(0.02)
     pytest.fail(f"no checkpoint of epoch {epoch} in time")
-
-
-def deterministic_after(scalars: Scalars, step: int) -> Scalars:
-    """Points logged after ``step``, without wall-clock timings (tags ending in ``_s``)."""
-    return {
-        tag: [(s, v) for s, v in pts if s > step] for tag, pts in scalars.items() if not tag.endswith("_s")
-    }
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,16 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_EPISODES, EVAL_NUM_ENVS = 8, 4
 
 
-def _run(module: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(module: str, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", module, "--config", str(REPO / "experiments/blackjack.yaml"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
     return proc
 
 
-def _fit(run_dir: Path, model_dir: Path, *extra: str) -> None:
-    _run(
+def _fit(run_dir: Path, model_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(
         "llamagym_pl.fit",
         run_dir,
         "--model.name_or_path", str(model_dir),
@@ -51,6 +54,7 @@ def _fit(run_dir: Path, model_dir: Path, *extra: str) -> None:
         "--trainer.callbacks+=tests.probes.ddp_probe.RankProbe",
         f"--trainer.callbacks.out_dir={run_dir / 'probe'}",
         *extra,
+        check=check,
     )  # fmt: skip
 
 
@@ -149,6 +153,84 @@ def test_resume_from_ddp_checkpoint_continues_like_an_uninterrupted_run(
     resumed_scalars, straight = _scalars(resumed), _scalars(tmp_path)
     for key in ("rollout/return_mean", "train/policy_loss", "train/value_loss", "eval/return_mean"):
         assert resumed_scalars[key] == straight[key], key
+
+
+def _kill(rank: int, epoch: int, phase: str, out_dir: Path) -> list[str]:
+    """Flags for a real SIGKILL of ``rank`` at ``epoch``'s rollout (3rd env step) or update
+    (before minibatch 1), see :class:`tests.probes.fault_probe.SendSignal`."""
+    return [
+        "--trainer.callbacks+=tests.probes.fault_probe.SendSignal",
+        "--trainer.callbacks.signal_name=SIGKILL",
+        f"--trainer.callbacks.epoch={epoch}",
+        f"--trainer.callbacks.phase={phase}",
+        f"--trainer.callbacks.rank={rank}",
+        f"--trainer.callbacks.step={3 if phase == 'rollout' else 1}",
+        f"--trainer.callbacks.out_dir={out_dir}",
+    ]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process nobody reaped yet has an empty command line)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except FileNotFoundError:
+        return False
+
+
+def _lost_rank_line(stderr: str, lost: int, survivor: int) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("llamagym_pl.fit: error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert re.match(
+        f"llamagym_pl.fit: error: rank {lost} of 2 was lost \\(its process died or stopped answering: "
+        f"Connection (reset|closed) by peer\\), so rank {survivor} stopped too; ",
+        lines[0],
+    ), lines[0]
+    assert lines[0].endswith("--ckpt_path last` (the same flags)"), lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_lost_rank_stops_the_other_with_one_line_and_last_resumes_exactly(
+    resumed: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Rank 1 is SIGKILLed in the update of epoch 1; on resuming, rank 0 in the rollout of epoch 2
+    (rank 1, its child, is left alone); a last resume finishes: what each rank played and its
+    weights after every step are those of the uninterrupted run."""
+    epochs = ("--trainer.max_epochs", "3")
+    began = time.monotonic()
+    proc = _fit(tmp_path, tiny_model_dir, *epochs, *_kill(1, 1, "update", tmp_path / "k1"), check=False)
+    stopped_after = time.time() - float((tmp_path / "k1" / "signalled").read_text())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _lost_rank_line(proc.stderr, lost=1, survivor=0)
+    config = REPO / "experiments/blackjack.yaml"
+    resume = f"resume with `python -m llamagym_pl.fit --config {config} ... --ckpt_path last`"
+    assert f"{tmp_path / 'ckpt' / 'last.ckpt'} holds the epochs before it: {resume}" in line
+    assert "Traceback" not in proc.stderr
+    assert stopped_after < 10, stopped_after  # the survivor stops at its next collective, at once
+
+    # Rank 1 is rank 0's child: the pipes close when it has exited too.
+    proc = _fit(
+        tmp_path,
+        tiny_model_dir,
+        *epochs,
+        "--ckpt_path",
+        "last",
+        *_kill(0, 2, "rollout", tmp_path / "k0"),
+        check=False,
+    )
+    stopped_after = max(stopped_after, time.time() - float((tmp_path / "k0" / "signalled").read_text()))
+    assert proc.returncode == -signal.SIGKILL
+    _lost_rank_line(proc.stderr, lost=0, survivor=1)
+    assert "Traceback" not in proc.stderr
+    assert not _running(int((tmp_path / "k0" / "pid1").read_text())), "rank 1 still runs"
+
+    _fit(tmp_path, tiny_model_dir, *epochs, "--ckpt_path", "last")
+    print(f"survivors stopped {stopped_after:.1f} s after the kill; 3 runs: {time.monotonic() - began:.0f} s")
+    for rank in (0, 1):
+        assert _records(tmp_path, "rank", rank) == _records(resumed, "rank", rank)
+        assert _records(tmp_path, "eval_rank", rank) == _records(resumed, "eval_rank", rank)
+    untimed = lambda run: {k: v for k, v in _scalars(run).items() if not k.endswith("_s")}  # noqa: E731
+    assert untimed(tmp_path) == untimed(resumed)  # all but wall-clock timings
 
 
 def _evaluate_error(argv: list[str]) -> str:
