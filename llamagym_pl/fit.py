@@ -125,6 +125,9 @@ class ParseOnlyCLI(LlamaGymCLI):
     """The CLI's parser and parsed config with nothing built: for checking configs that a program
     writes (:mod:`llamagym_pl.sweep`) without loading a model for each."""
 
+    def _set_seed(self) -> None:
+        pass  # nothing runs here (and its "Seed set" line would precede a one-line error)
+
     def before_instantiate_classes(self) -> None:
         pass  # torch_num_threads is for the run that trains
 
