@@ -112,7 +112,10 @@ class Sweep:
         trial.set_user_attr("run_dir", str(self.out / name))
         print(f"{PROG}: {name}: {_format_params(params)}", file=sys.stderr, flush=True)
         report = ReportToTrial(trial, self.space.metric)
-        cli = _build(self.trial_args(params, name))
+        try:
+            cli = _build(self.trial_args(params, name))
+        except TrialFailed as err:
+            raise _failed(trial, str(err)) from None
         cli.trainer.callbacks.append(report)
         try:
             fit(cli)
