@@ -83,7 +83,8 @@ class ReportToTrial(L.Callback):
         step, value = trainer.current_epoch + 1, float(metrics[self.metric])
         self.values.append((step, value))
         self.trial.report(value, step=step)
-        if self.trial.should_prune():
+        # At the last epoch stopping saves nothing, and the trial's final value is its result.
+        if step < (trainer.max_epochs or 0) and self.trial.should_prune():
             self.pruned = True
             trainer.should_stop = True
 

@@ -137,7 +137,7 @@ def test_same_seed_same_trial(study: dict[str, Any], tmp_path: Path) -> None:
 
 def test_pruned_trial_stops_early(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A threshold no return reaches: the trial is pruned at its first evaluation, after 1 of 3
-    epochs (the sweep then has no completed trial, and says so)."""
+    epochs (the sweep then has no completed trial, and says so); a 1-epoch trial is not."""
     space = write_space(tmp_path / "space.yaml", tiny_model_dir, pruner={"name": "threshold", "lower": 2.0})
     with pytest.raises(SystemExit, match="no trial of study 'space' completed"):
         sweep.main(sweep_argv(space, tmp_path, 1, "--", "--trainer.max_epochs", "3"))
@@ -146,6 +146,9 @@ def test_pruned_trial_stops_early(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert list(trial.intermediate_values) == [1]
     ckpts = sorted(p.name for p in (tmp_path / "out" / "trial-0" / "checkpoints").iterdir())
     assert ckpts == ["epoch=0-step=2.ckpt", "last.ckpt"]  # the fit stopped after that epoch
+    # A trial whose first evaluation is its last is not pruned: stopping there saves nothing.
+    sweep.main(sweep_argv(space, tmp_path, 2, "--", "--trainer.max_epochs", "1"))
+    assert load(tmp_path, "space").trials[1].state == optuna.trial.TrialState.COMPLETE
 
 
 def test_failing_trial_is_marked_and_the_sweep_goes_on(tiny_model_dir: Path, tmp_path: Path) -> None:
