@@ -169,11 +169,11 @@ def _finish_wandb(cli: LlamaGymCLI) -> None:
 
 
 class _NoTracebackForFailedTrials(logging.Filter):
-    """Optuna logs a caught trial error with its traceback; a :class:`TrialFailed` says all in its
-    message (a traceback would bury that one line)."""
+    """Optuna logs a trial's error with its traceback; a :class:`TrialFailed` says all in its
+    message, and Ctrl-C needs none (a traceback would bury the line that matters)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | KeyboardInterrupt):
             record.exc_info = None
         return True
 
