@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import optuna
+import sqlalchemy.exc
 from jsonargparse import ArgumentParser, Namespace
 from optuna.trial import FrozenTrial, TrialState
 
@@ -256,7 +257,11 @@ def write_best(sweep: Sweep, checker: LlamaGymCLI, study: optuna.Study, best: Fr
 
 # ----------------------------------------------------------------------------- command line
 def make_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1], exit_on_error=True)
+    description = (
+        "An Optuna study over fit settings: each trial is a fit of --config with the space file's "
+        "fixed settings, the fit flags after --, and the trial's sampled settings."
+    )
+    parser = ArgumentParser(prog=PROG, description=description, exit_on_error=True)
     parser.add_argument("--config", type=str, required=True, help="The fit config every trial starts from.")
     parser.add_argument("--space", type=str, required=True, help="The search-space YAML file.")
     parser.add_argument(
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> optuna.Study:
     sweep = Sweep(space, base_args, out, logger_keys)
     try:
         study = _open_study(study_name, args.storage or f"sqlite:///runs/{study_name}.db", space, args.seed)
-    except (ValueError, ImportError, optuna.exceptions.OptunaError) as err:
+    except (ValueError, ImportError, optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError) as err:
         raise SystemExit(f"{PROG}: error: {_one_line(err)}") from None
     out.mkdir(parents=True, exist_ok=True)
     _run(study, sweep, args.trials)
