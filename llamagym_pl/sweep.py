@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import time
 import warnings
 from argparse import ArgumentError
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import optuna
 import sqlalchemy.exc
 from jsonargparse import ArgumentParser, Namespace
@@ -325,9 +327,7 @@ def main(argv: list[str] | None = None) -> optuna.Study:
 def _open_study(name: str, url: str, space: Space, seed: int) -> optuna.Study:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S)
+    storage = _storage(url)
     study = optuna.create_study(
         storage=storage, study_name=name, direction=space.direction, pruner=space.pruner, load_if_exists=True
     )
@@ -336,9 +336,27 @@ def _open_study(name: str, url: str, space: Space, seed: int) -> optuna.Study:
             f"study {name!r} in {url} was created to {study.direction.name.lower()}, not {space.direction}"
         )
     # Reproducible, yet a resumed study does not sample its first trials' settings again: the
-    # sampler's seed moves on with the trials the study already has.
-    study.sampler = space.sampler(seed + len(study.get_trials(deepcopy=False)))
+    # sampler's seed mixes --seed with the number of trials the study already has (mixed, not
+    # added: --seed 1 on an empty study and --seed 0 after one trial would sample alike).
+    trials = len(study.get_trials(deepcopy=False))
+    study.sampler = space.sampler(int(np.random.SeedSequence([seed, trials]).generate_state(1)[0]))
     return study
+
+
+def _storage(url: str, tries: int = 5) -> optuna.storages.RDBStorage:
+    for attempt in range(tries):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S)
+        except sqlalchemy.exc.DBAPIError:
+            # Processes started together on a new database race to create its tables ("table
+            # studies already exists", "UNIQUE constraint failed: alembic_version"); once one
+            # has, the others find them.
+            if attempt == tries - 1:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def _run(study: optuna.Study, sweep: Sweep, target: int) -> None:
