@@ -335,11 +335,13 @@ def _open_study(name: str, url: str, space: Space, seed: int) -> optuna.Study:
         raise ValueError(
             f"study {name!r} in {url} was created to {study.direction.name.lower()}, not {space.direction}"
         )
-    # Reproducible, yet a resumed study does not sample its first trials' settings again: the
-    # sampler's seed mixes --seed with the number of trials the study already has (mixed, not
-    # added: --seed 1 on an empty study and --seed 0 after one trial would sample alike).
+    # Reproducible, yet a resumed study does not sample its first trials' settings again: a new
+    # study's sampler is seeded with --seed, a resumed one's with --seed mixed with the number of
+    # trials it has (mixed, not added: --seed 1 on a new study and --seed 0 after one trial
+    # would sample alike).
     trials = len(study.get_trials(deepcopy=False))
-    study.sampler = space.sampler(int(np.random.SeedSequence([seed, trials]).generate_state(1)[0]))
+    mixed = int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
+    study.sampler = space.sampler(seed if trials == 0 else mixed)
     return study
 
 
