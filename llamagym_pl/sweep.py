@@ -23,7 +23,6 @@ sweep goes on.
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 import time
@@ -57,7 +56,7 @@ RUN_DIR_KEYS = (
 )
 HEARTBEAT_S = 60
 """A running trial writes a heartbeat this often; one silent for twice as long (its process was
-killed) is marked FAIL by the next sweep process on the study."""
+killed) is marked FAIL when the study's next trial starts, in any process."""
 
 
 class TrialFailed(Exception):
@@ -129,8 +128,6 @@ class Sweep:
             raise KeyboardInterrupt from err
         finally:
             _finish_wandb(cli)
-            del cli
-            gc.collect()  # the next trial builds its own model: free this one's first
         if report.pruned:
             step, value = report.values[-1]
             raise optuna.TrialPruned(f"{self.space.metric} = {value:.4g} after {step} epochs")
@@ -198,7 +195,9 @@ def check_space(space: Space, base_args: list[str]) -> tuple[LlamaGymCLI, Namesp
     where = f"search space {space.path}"
     for key in [*space.fixed, *(p.key for p in space.params)]:
         if key in RUN_DIR_KEYS:
-            raise SpaceError(f"{where}: {key} is set by the sweep (each trial's own run directory)")
+            raise SpaceError(
+                f"{where}: {key} is set by the sweep (each trial starts afresh in its own directory)"
+            )
     for param in space.params:
         for value in param.edge_values():
             try:
@@ -379,7 +378,7 @@ def _run(study: optuna.Study, sweep: Sweep, target: int) -> None:
             n_trials=target - done,  # at most; other processes' trials count toward target too
             catch=(TrialFailed,),
             callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED)],
-            gc_after_trial=True,
+            gc_after_trial=True,  # the next trial builds its own model: free this one's first
         )
     except KeyboardInterrupt:
         raise SystemExit(

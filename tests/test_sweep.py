@@ -67,7 +67,7 @@ def load(root: Path, name: str) -> optuna.Study:
 
 @pytest.fixture(scope="module")
 def study(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 3-trial sweep, what it printed, and its trials as it left them."""
+    """A 3-trial sweep: its files, and its trials as it left them."""
     root = tmp_path_factory.mktemp("sweep")
     space = write_space(root / "space.yaml", tiny_model_dir)
     done = sweep.main(sweep_argv(space, root, 3))
