@@ -4,11 +4,11 @@ CONFIG ?= experiments/blackjack.yaml
 
 .PHONY: install constraints test lint fit resume tensorboard bench plot evaluate clean
 
-install:  ## create .venv, install the CPU torch wheel first, then the project with dev and textworld extras, at the versions CI tested (constraints.txt)
+install:  ## create .venv, install the CPU torch wheel first, then the project with the dev, textworld, sweep and wandb extras, at the versions CI tested (constraints.txt)
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -c constraints.txt -e '.[dev,textworld]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,textworld,sweep,wandb]'
 
 constraints:  ## rewrite constraints.txt from .venv (after upgrading a dependency there and passing `make test`)
 	echo "# The versions CI tested: \`make install\` installs these (\`make constraints\` writes this file from .venv)." > constraints.txt

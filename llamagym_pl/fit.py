@@ -89,6 +89,8 @@ _UNKNOWN_KEY = (
 
 
 def _did_you_mean(message: str, keys: list[str]) -> str:
+    if "(did you mean" in message:  # with exit_on_error=False jsonargparse reports an error twice
+        return ""
     for pattern in _UNKNOWN_KEY:
         match = pattern.search(message)
         if match:
@@ -133,10 +135,24 @@ class LlamaGymCLI(LightningCLI):
             torch.set_num_threads(threads)
 
 
-def build_cli(args=None, run_fit: bool = True, cli_class: type[LlamaGymCLI] = LlamaGymCLI) -> LlamaGymCLI:
-    """Parse the config (``args`` as a list or dict for tests) and optionally run ``fit``;
-    ``cli_class`` may add arguments of its own (see :mod:`llamagym_pl.evaluate`)."""
-    cli = cli_class(
+class ParseOnlyCLI(LlamaGymCLI):
+    """The CLI's parser and parsed config with nothing built: for checking configs that a program
+    writes (:mod:`llamagym_pl.sweep`) without loading a model for each."""
+
+    def _set_seed(self) -> None:
+        pass  # nothing runs here (and its "Seed set" line would precede a one-line error)
+
+    def before_instantiate_classes(self) -> None:
+        pass  # torch_num_threads is for the run that trains
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def make_cli(args=None, cli_class: type[LlamaGymCLI] = LlamaGymCLI, **kwargs: Any) -> LlamaGymCLI:
+    """``cli_class`` over :class:`PPOModule` and :class:`RolloutDataModule` with this project's
+    parser and trainer defaults, parsed from ``args``; ``kwargs`` go to LightningCLI."""
+    return cli_class(
         PPOModule,
         RolloutDataModule,
         run=False,
@@ -145,7 +161,14 @@ def build_cli(args=None, run_fit: bool = True, cli_class: type[LlamaGymCLI] = Ll
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [InterruptCheckpoint()]},
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        **kwargs,
     )
+
+
+def build_cli(args=None, run_fit: bool = True, cli_class: type[LlamaGymCLI] = LlamaGymCLI) -> LlamaGymCLI:
+    """Parse the config (``args`` as a list or dict for tests) and optionally run ``fit``;
+    ``cli_class`` may add arguments of its own (see :mod:`llamagym_pl.evaluate`)."""
+    cli = make_cli(args, cli_class)
     check_config(cli.model, cli.datamodule)
     if run_fit:
         fit(cli)
