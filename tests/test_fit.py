@@ -209,7 +209,22 @@ def _class_paths(node: Any) -> Iterator[str]:
             yield from _class_paths(value)
 
 
-@pytest.mark.parametrize("config", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+FIT_CONFIGS = sorted(p for p in EXPERIMENTS.glob("*.yaml") if not p.name.startswith("sweep-"))
+SWEEP_SPACES = sorted(EXPERIMENTS.glob("sweep-*.yaml"))  # search spaces, for llamagym_pl.sweep
+
+
+@pytest.mark.parametrize("space", SWEEP_SPACES, ids=lambda p: p.name)
+def test_every_sweep_space_checks_against_its_experiment(space: Path, tiny_model_dir: Path) -> None:
+    sweep_space = pytest.importorskip("llamagym_pl.sweep_space")  # the [sweep] extra
+    from llamagym_pl.sweep import check_space
+
+    base = EXPERIMENTS / space.name.removeprefix("sweep-")
+    check_space(
+        sweep_space.load_space(space), ["--config", str(base), "--model.name_or_path", str(tiny_model_dir)]
+    )
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.name)
 def test_every_experiment_yaml_parses(
     config: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
