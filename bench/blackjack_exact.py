@@ -1,6 +1,6 @@
 """Exact expected return of a Blackjack checkpoint's greedy policy, without sampling noise.
 
-``python bench/blackjack_exact.py --config experiments/blackjack.yaml --ckpt_path <ckpt> [...]``
+``python bench/blackjack_exact.py --config experiments/blackjack.yaml --ckpt_path <ckpt> [...] [fit flags]``
 
 A 20,000-episode evaluation has a standard error of ~0.007, a third of the gap between "stick at
 >= 17" (-0.079) and optimal (-0.0466). Here the policy's action in every observation
@@ -101,8 +101,10 @@ def optimal_action(player: int, dealer_card: int, usable: int) -> int | None:
 OBSERVATIONS = [(v, d, u) for u in (0, 1) for v in range(12 if u else 4, 22) for d in range(1, 11)]
 
 
-def greedy_actions(config: str, ckpt_path: str) -> dict[tuple[int, int, int], int]:
-    """The checkpoint's greedy action in every observation, read as evaluation plays it."""
+def greedy_actions(config: str, ckpt_path: str, overrides: list[str] = ()) -> dict[tuple[int, int, int], int]:
+    """The checkpoint's greedy action in every observation, read as evaluation plays it;
+    ``overrides``: fit flags the run was trained with beyond its config (e.g.
+    ``--model.advantage_estimator grpo``)."""
     import torch
 
     from llamagym_pl.actions.candidates import prompt_logits
@@ -112,7 +114,7 @@ def greedy_actions(config: str, ckpt_path: str) -> dict[tuple[int, int, int], in
     from llamagym_pl.fit import build_cli
     from llamagym_pl.spans import encode_candidates
 
-    cli = build_cli(["--config", config], run_fit=False)
+    cli = build_cli(["--config", config, *overrides], run_fit=False)
     module, data = cli.model, cli.datamodule
     load_weights(module, ckpt_path)
     policy, tokenizer, agent = module.policy.eval(), module.tokenizer, data.agent
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--ckpt_path", required=True, nargs="+", help="one or more checkpoints")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(
+        argv
+    )  # the rest: fit flags, e.g. --model.advantage_estimator grpo
     sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv when given args too
     stick17 = expected_return(lambda v, d, u: float(v < 17))
     print(
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         f"always stick {expected_return(lambda v, d, u: 0.0):+.4f}"
     )
     for ckpt in args.ckpt_path:
-        actions = greedy_actions(args.config, ckpt)
+        actions = greedy_actions(args.config, ckpt, overrides)
         invalid = [o for o, a in actions.items() if a not in (0, 1)]
         if invalid:
             print(f"{ckpt}: {len(invalid)} observations get an invalid greedy reply; no exact value")
