@@ -25,6 +25,7 @@ sequences are encoded whole (:func:`reuses_prefix`).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -98,6 +99,20 @@ def run_prefix(lm: nn.Module, prefix: Tensor, n: int) -> tuple[DynamicCache, Ten
     )
     cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=prefix.device))  # (1, ...) -> (n, ...)
     return cache, out.hidden_states[-1]
+
+
+def repeat_cache(cache: DynamicCache, n: int) -> DynamicCache:
+    """A new cache whose ``n`` rows are each ``cache``'s one row (a prefix from :func:`run_prefix`
+    with ``n=1``); ``cache`` stays as it is, so one encoded prefix serves several forwards. The
+    rows are expanded views (the next forward's concatenation copies them), and in training their
+    gradient sums into the one row, as :func:`run_prefix`'s repeated rows do."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        if layer.is_initialized:
+            layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(n, *layer.values.shape[1:])
+    return out
 
 
 @torch.no_grad()

@@ -116,13 +116,15 @@ def minibatch_loss(
     before the objective averages them, so the loss equals one forward over the whole minibatch.
     """
     parts = [batch] if isinstance(batch, dict) else batch
-    terms = [style.logprobs(policy, part) for part in parts]
+    terms = style.logprobs(policy, parts)
     turns = [part["turn_mask"] for part in parts]
+    entropy = torch.cat([t.entropy for t in terms])
     return ppo.ppo_objective(
         torch.cat([t.logprobs for t in terms]),
         torch.cat([t.old_logprobs for t in terms]),
         torch.cat([t.advantages for t in terms]),
-        torch.cat([t.entropy for t in terms]),
+        # Without an entropy bonus its gradient is 0 times the entropy's: no backward through it.
+        entropy if ent_coef else entropy.detach(),
         torch.cat([t.values[m] for t, m in zip(terms, turns, strict=True)]),
         torch.cat([part["old_values"][m] for part, m in zip(parts, turns, strict=True)]),
         torch.cat([part["returns"][m] for part, m in zip(parts, turns, strict=True)]),

@@ -73,7 +73,7 @@ def full_logits_terms(policy: PolicyWithValueHead, batch: dict) -> tuple[torch.T
 
 
 def reply_terms(policy: PolicyWithValueHead, batch: dict) -> tuple[torch.Tensor, ...]:
-    terms = GenerateStyle(temperature=TEMPERATURE).logprobs(policy, batch)
+    (terms,) = GenerateStyle(temperature=TEMPERATURE).logprobs(policy, [batch])
     return terms.logprobs, terms.entropy, terms.values
 
 

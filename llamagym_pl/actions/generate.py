@@ -17,7 +17,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions.base import ActionTerms, Policy, Prepared, Prompt, Reference, State, row_chunks
-from llamagym_pl.actions.rows import row_forward
+from llamagym_pl.actions.rows import row_forward, row_forwards
 from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import UnknownWords, left_pad, prompt_token_ids
 from llamagym_pl.episode import Episode, Reply
@@ -133,21 +133,34 @@ class GenerateStyle:
             turn_values, next_value, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))}
         )
 
-    def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
+    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
         """Every response token of the rows, under ``softmax(logits / temperature)``; the values
-        at the rows' turn positions. One forward of the rows (:func:`~.rows.row_forward`): the
-        output layer only at the positions that predict the response tokens."""
-        ids = batch["input_ids"]
-        rows, cols = batch["action_mask"].nonzero(as_tuple=True)  # response tokens; never position 0
-        logits, values = row_forward(policy, ids, batch["attention_mask"], rows, cols - 1)  # (N, V), (B, L)
+        at the rows' turn positions; one :class:`ActionTerms` per part. One forward of each
+        part's rows (:func:`~.rows.row_forwards`): the prefix they all share encoded once, the
+        output layer only at the positions that predict the response tokens, once for all parts."""
+        reads = [part["action_mask"].nonzero(as_tuple=True) for part in parts]  # never position 0
+        logits, values = row_forwards(
+            policy,
+            [
+                (part["input_ids"], part["attention_mask"], rows, cols - 1)
+                for part, (rows, cols) in zip(parts, reads, strict=True)
+            ],
+        )  # (N, V) over all parts, (B, L) each
         step_logits = logits / self.temperature  # (N, V): at the sampling temperature
-        return ActionTerms(
-            logprobs=ppo.token_logprobs(step_logits, ids[rows, cols]),  # (N,)
-            old_logprobs=batch["old_logprobs"][rows, cols],
-            advantages=batch["token_advantages"][rows, cols],
-            entropy=ppo.entropy_from_logits(step_logits),
-            values=values.gather(1, batch["value_positions"]),  # (B, T)
-        )
+        tokens = torch.cat([part["input_ids"][r, c] for part, (r, c) in zip(parts, reads, strict=True)])
+        sizes = [len(rows) for rows, _ in reads]
+        logprobs = ppo.token_logprobs(step_logits, tokens).split(sizes)  # (N,) each part's
+        entropy = ppo.entropy_from_logits(step_logits).split(sizes)
+        return [
+            ActionTerms(
+                logprobs=lp,
+                old_logprobs=part["old_logprobs"][rows, cols],
+                advantages=part["token_advantages"][rows, cols],
+                entropy=h,
+                values=v.gather(1, part["value_positions"]),  # (B, T)
+            )
+            for part, (rows, cols), lp, h, v in zip(parts, reads, logprobs, entropy, values, strict=True)
+        ]
 
 
 def cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
