@@ -127,11 +127,13 @@ class PPOModule(L.LightningModule):
         # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
         self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None
         self.rollout: Rollout | None = None  # this epoch's, from the DataModule
+        self._train_metrics = EpochSums()  # this epoch's minibatch diagnostics
         self._stop_epoch = False
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
         self._nonfinite.skipped = 0
+        self._train_metrics = EpochSums()
         self.rollout = rollout = self.trainer.datamodule.rollout
         metrics = self._rollout_metrics(rollout.stats)
         hp, kl_coef = self.hparams, self.kl_ctl.value
@@ -208,9 +210,9 @@ class PPOModule(L.LightningModule):
         approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and self._any_rank(bool(approx_kl > hp.target_kl)):
             self._stop_epoch = True
-        size = minibatch_size(batch)
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self._train_metrics.add(metrics, minibatch_size(batch))
+        if self.trainer.progress_bar_callback is not None:
+            self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -223,6 +225,12 @@ class PPOModule(L.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
+        means = self._train_metrics.means()
+        if means is not None:
+            # Each metric's mean over the epoch's minibatches, weighted by their sizes and over
+            # every DDP rank, as Lightning's epoch mean of per-step logs: one log, no per-step sync.
+            metrics, size = means
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         buf = self.rollout.buffer
         ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
         self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
@@ -261,3 +269,25 @@ class PPOModule(L.LightningModule):
         self.clip_gradients(
             optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
         )
+
+
+class EpochSums:
+    """An epoch's minibatch diagnostics, summed as Lightning's ``on_epoch`` logs with a
+    ``batch_size`` sum them (in float32, ``value * size`` step by step), without its per-step
+    work: one ``log_dict`` at the epoch's end gives the same weighted means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.size = 0
+
+    def add(self, metrics: dict[str, Tensor], size: int) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float() * size
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.size += size
+
+    def means(self) -> tuple[dict[str, Tensor], int] | None:
+        """``({name: weighted mean}, total size)``, or None when no minibatch was logged."""
+        if not self.size:
+            return None
+        return {name: total / self.size for name, total in self.sums.items()}, self.size
