@@ -13,7 +13,7 @@ from llamagym_pl.actions.generate import row_minibatch
 from llamagym_pl.buffer import build_buffer
 from llamagym_pl.episode import Episode
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.update import minibatch_loss, minibatch_size, prepare_rollout
+from llamagym_pl.update import fusable, make_optimizer, minibatch_loss, minibatch_size, prepare_rollout
 
 
 def test_penalty_is_added_to_its_turn_advantage_only(
@@ -141,3 +141,24 @@ def test_no_entropy_bonus_gives_the_gradient_of_the_loss_with_its_zero_entropy_t
     assert torch.equal(whole_metrics["train/entropy"], metrics["train/entropy"])
     for a, b in zip(grads_of(whole), fast, strict=True):
         assert torch.equal(a, b)
+
+
+def test_adamw_runs_fused_where_it_can_with_the_plain_update() -> None:
+    """make_optimizer's AdamW takes the fused kernel for plain float tensors on CPU, and its steps
+    are the plain AdamW's up to float rounding."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 32, generator=gen), torch.randn(32, generator=gen)]
+    fused_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    plain_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    fused, _ = make_optimizer(fused_params, 1e-2, 1e-5, 0.01, "constant", None)
+    plain = torch.optim.AdamW(plain_params, lr=1e-2, eps=1e-5, weight_decay=0.01)
+    assert fused.param_groups[0]["fused"] is True and not fusable([])
+    assert not fusable([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64).to(torch.int64), False)])
+    for _ in range(5):
+        grads = [torch.randn(w.shape, generator=gen) for w in weights]
+        for params, opt in ((fused_params, fused), (plain_params, plain)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
