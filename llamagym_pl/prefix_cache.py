@@ -122,6 +122,54 @@ def encode_prefix(lm: nn.Module, prefix: Tensor, n: int) -> DynamicCache:
     return run_prefix(lm, prefix, n)[0]
 
 
+class PrefixMemo:
+    """The KV cache of a prompt prefix, kept from one ``generate`` call to the next while the weights
+    stay as they are: the imperative loop replies to one prompt per call, every prompt starting with
+    the same system prompt, and the weights change only at its PPO updates.
+
+    It holds the first tokens the prompts seen since it was filled share; the first time, those a
+    prompt shares with the one before it. A prompt sharing fewer re-encodes that shorter prefix.
+    It is dropped by :meth:`clear` (after an optimizer step), and never served once any parameter
+    was changed in place (its version counter moved), replaced, or the LM switched mode.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # the prefix cached
+        self.cache: DynamicCache | None = None
+        self.weights: tuple | None = None  # what the cache was computed with
+        self.last: list[int] = []  # the previous prompt: where the next one's shared prefix ends
+
+    def clear(self) -> None:
+        self.ids, self.cache, self.weights = [], None, None
+
+    def cache_for(self, lm: nn.Module, prompt: list[int]) -> tuple[DynamicCache, int] | None:
+        """A KV cache of ``prompt``'s first c tokens (0 < c < its length) for one row, the memo's own
+        left intact, and c; None when no prefix is known to be shared."""
+        weights = _weights_key(lm)
+        if weights != self.weights:
+            self.clear()
+        known, self.last = (self.ids or self.last), prompt
+        c = _shared(known, prompt[:-1])  # the prompt keeps a token of its own
+        if c == 0:
+            return None
+        if c != len(self.ids):
+            device = next(lm.parameters()).device
+            self.cache = encode_prefix(lm, torch.tensor([prompt[:c]], device=device), 1)
+            self.ids, self.weights = prompt[:c], weights
+        return repeat_cache(self.cache, 1), c
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _weights_key(lm: nn.Module) -> tuple:
+    """Changes whenever a parameter of ``lm`` is modified in place (an optimizer step, a load) or
+    replaced, or ``lm`` changes mode."""
+    return lm.training, tuple((p.data_ptr(), p._version) for p in lm.parameters())
+
+
 def checkpointing(lm: nn.Module) -> bool:
     """Whether ``lm`` recomputes activations in backward (the flag was renamed in transformers 5)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):

@@ -23,6 +23,7 @@ from llamagym_pl.chat import UnknownWords, left_pad, prompt_token_ids
 from llamagym_pl.episode import Episode, Reply
 from llamagym_pl.guards import check_context
 from llamagym_pl.kl import turn_kl
+from llamagym_pl.prefix_cache import PrefixMemo
 from llamagym_pl.sampling import SAMPLING_KEYS, generate_from_settings
 
 
@@ -44,6 +45,9 @@ class GenerateStyle:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.share_prefix = share_prefix
+        # Set by a loop that replies to one prompt at a time (the imperative one): the shared
+        # prefix's KV cache kept across calls while the weights stay the same.
+        self.prefix_memo: PrefixMemo | None = None
         self.sampling = {
             "do_sample": True,
             **settings,
@@ -80,6 +84,7 @@ class GenerateStyle:
             input_ids.to(device),
             attention_mask.to(device),
             share_prefix=self.share_prefix,
+            memo=self.prefix_memo,
             **ids_of | settings,
         )
         new = out[:, input_ids.shape[1] :].cpu()  # (B, new)
