@@ -17,7 +17,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions.base import ActionTerms, Policy, Prepared, Prompt, Reference, State, row_chunks
-from llamagym_pl.actions.rows import row_forward, row_forwards
+from llamagym_pl.actions.rows import row_forwards, row_logprobs
 from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import UnknownWords, left_pad, prompt_token_ids
 from llamagym_pl.episode import Episode, Reply
@@ -104,7 +104,7 @@ class GenerateStyle:
     @torch.no_grad()
     def prepare(self, policy: Policy, buf: RolloutBuffer, batch_size: int, reference: Reference) -> Prepared:
         """Old log-probs of the reply tokens and values from one forward per ``batch_size`` rows
-        (:func:`~llamagym_pl.actions.rows.row_forward`, as :meth:`logprobs` computes the new ones).
+        (:func:`~llamagym_pl.actions.rows.row_logprobs`, as :meth:`logprobs` computes the new ones).
         With a reference, each turn's KL penalty is the summed ``log pi - log pi_ref`` of its tokens
         (see :mod:`llamagym_pl.kl`), the reference scored by the same forward."""
         device = next(policy.parameters()).device
@@ -117,13 +117,14 @@ class GenerateStyle:
             at = take[rows], cols  # their places in the buffer
             rows, cols = rows.to(device), cols.to(device)
             tokens = ids[rows, cols]  # (N,)
-            logits, v = row_forward(policy, ids, mask, rows, cols - 1)  # (N, V), (B, L)
+            # The output layer over a few hundred positions at a time: never all (N, V) logits.
+            lp, v = row_logprobs(policy, ids, mask, rows, cols - 1, tokens, buf.temperature)  # (N,), (B, L)
             values[take, :length] = v.float().cpu()
-            logprobs[at] = ppo.token_logprobs(logits / buf.temperature, tokens).cpu()
+            logprobs[at] = lp.cpu()
             if ref_logprobs is not None:
                 with reference.as_policy(device) as initial:
-                    ref_logits, _ = row_forward(initial, ids, mask, rows, cols - 1)  # (N, V)
-                ref_logprobs[at] = ppo.token_logprobs(ref_logits / buf.temperature, tokens).cpu()
+                    ref_lp, _ = row_logprobs(initial, ids, mask, rows, cols - 1, tokens, buf.temperature)
+                ref_logprobs[at] = ref_lp.cpu()
         # Turn t's value at the end of its prompt; a truncated episode's next state at its row's end.
         turn_values = values[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
         next_value = values[buf.bootstrap_row, buf.bootstrap_position]  # (E,)

@@ -27,9 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llamagym_pl import ppo
 from llamagym_pl.lm_head import last_hidden, output_logits, reads_hidden
 from llamagym_pl.policy import lm_call_names
 from llamagym_pl.prefix_cache import common_prefix_length, repeat_cache, reuses_prefix, run_prefix
+
+READ_CHUNK = 256
+"""Positions per output-layer call in :func:`row_logprobs`: (256, 32k) fp32 logits are 33 MB."""
 
 Rows = tuple[Tensor, Tensor, Tensor, Tensor]
 """One forward's ``(input_ids, attention_mask, rows, cols)``: right-padded rows (B, L) and the
@@ -102,3 +106,28 @@ def rows_hidden(policy: Any, parts: Sequence[tuple[Tensor, Tensor]]) -> list[Ten
             return None
         out.append(torch.cat([prefix.expand(b, -1, -1), rest], 1))  # (B, L, H); the expand's gradient sums
     return out
+
+
+def row_logprobs(
+    policy: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    tokens: Tensor,
+    temperature: float,
+    chunk: int = READ_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """:func:`row_forward`'s log-probs of ``tokens`` (N,) under ``softmax(logits / temperature)``
+    at ``(rows, cols)``, and its values (B, L), with the output layer run over at most ``chunk``
+    positions at a time: a no-grad pass over many rows never holds all their (N, V) logits."""
+    hidden = row_hidden(policy, input_ids, attention_mask)  # (B, L, H)
+    if hidden is None:  # an LM whose logits we cannot reproduce from its hidden states
+        logits, values = row_forward(policy, input_ids, attention_mask, rows, cols)
+        return ppo.token_logprobs(logits / temperature, tokens), values
+    read = hidden[rows, cols]  # (N, H)
+    logprobs = [
+        ppo.token_logprobs(output_logits(policy.lm, part) / temperature, part_tokens)
+        for part, part_tokens in zip(read.split(chunk), tokens.split(chunk), strict=True)
+    ]
+    return torch.cat(logprobs) if logprobs else read.new_zeros(0), policy.value_head(hidden)
