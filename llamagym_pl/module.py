@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from torch import Tensor
 
 from llamagym_pl import ppo
@@ -259,8 +260,11 @@ class PPOModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 0
+        # Fused only under plain precision: Lightning's mixed precision (AMP, FSDP's) cannot clip a
+        # fused optimizer's gradients, which unscale inside its step.
+        fused = type(self.trainer.precision_plugin) in (Precision, HalfPrecision)
         optimizer, scheduler = make_optimizer(
-            params, hp.learning_rate, hp.adam_eps, hp.weight_decay, hp.lr_schedule, max_epochs
+            params, hp.learning_rate, hp.adam_eps, hp.weight_decay, hp.lr_schedule, max_epochs, fused
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
