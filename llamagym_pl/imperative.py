@@ -262,6 +262,8 @@ class ImperativeTrainer:
                     break
         finally:
             self.policy.eval()
+            # Not held until the next update: every step's backward starts from None anyway.
+            self.optimizer.zero_grad(set_to_none=True)
             if getattr(self.style, "prefix_memo", None) is not None:
                 self.style.prefix_memo.clear()  # the weights changed (its own check would see it too)
         return {key: total / weight for key, total in sums.items()} | {"train/minibatch_steps": float(steps)}

@@ -237,6 +237,10 @@ class PPOModule(L.LightningModule):
         self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
         self.log("train/nonfinite_steps", float(self._nonfinite.skipped), on_epoch=True)
+        # The last step's gradients would stay allocated through the next rollout and preparation
+        # (a model's size again); every step's backward starts from None anyway.
+        for optimizer in self.trainer.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
