@@ -40,6 +40,7 @@ from llamagym_pl.estimators import CRITIC_FREE, GroupEstimator
 from llamagym_pl.imperative_setup import GENERATE_KEY, PPO_KEY, ImperativeConfig, as_policy, generation_kwargs
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.minibatches import MinibatchSampler
+from llamagym_pl.prefix_cache import PrefixMemo
 from llamagym_pl.sampling import refuse_truncation
 from llamagym_pl.stats import RolloutStats, discrete_action_names, rollout_metrics
 from llamagym_pl.update import make_optimizer, minibatch_loss, prepare_rollout
@@ -84,6 +85,9 @@ class ImperativeTrainer:
         self.style = make_style(
             cfg.policy, agent, score_normalization=cfg.score_normalization, **self.generate_kwargs
         )
+        if hasattr(self.style, "prefix_memo"):
+            # Serial acts, one prompt each: the system prompt's KV cache kept until the next update.
+            self.style.prefix_memo = PrefixMemo()
         space = cfg.action_space if cfg.action_space is not None else getattr(agent, "action_space", None)
         self.action_space = space
         invalid = InvalidActions(agent, space, cfg.invalid_action, cfg.fallback_action, cfg.invalid_penalty)
@@ -268,4 +272,8 @@ class ImperativeTrainer:
                     break
         finally:
             self.policy.eval()
+            # Not held until the next update: every step's backward starts from None anyway.
+            self.optimizer.zero_grad(set_to_none=True)
+            if getattr(self.style, "prefix_memo", None) is not None:
+                self.style.prefix_memo.clear()  # the weights changed (its own check would see it too)
         return {key: total / weight for key, total in sums.items()} | {"train/minibatch_steps": float(steps)}

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from torch import Tensor
 
 from llamagym_pl import ppo
@@ -145,11 +146,13 @@ class PPOModule(L.LightningModule):
         # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
         self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None
         self.rollout: Rollout | None = None  # this epoch's, from the DataModule
+        self._train_metrics = EpochSums()  # this epoch's minibatch diagnostics
         self._stop_epoch = False
 
     def on_train_epoch_start(self) -> None:
         self._stop_epoch = False
         self._nonfinite.skipped = 0
+        self._train_metrics = EpochSums()
         self.rollout = rollout = self.trainer.datamodule.rollout
         metrics = self._rollout_metrics(rollout.stats)
         hp, kl_coef = self.hparams, self.kl_ctl.value
@@ -227,9 +230,9 @@ class PPOModule(L.LightningModule):
         approx_kl = metrics["train/approx_kl"]
         if hp.target_kl is not None and self._any_rank(bool(approx_kl > hp.target_kl)):
             self._stop_epoch = True
-        size = minibatch_size(batch)
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        self._train_metrics.add(metrics, minibatch_size(batch))
+        if self.trainer.progress_bar_callback is not None:
+            self.log("kl", approx_kl, prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -242,12 +245,22 @@ class PPOModule(L.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
+        means = self._train_metrics.means()
+        if means is not None:
+            # Each metric's mean over the epoch's minibatches, weighted by their sizes and over
+            # every DDP rank, as Lightning's epoch mean of per-step logs: one log, no per-step sync.
+            metrics, size = means
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         buf = self.rollout.buffer
         if self.policy.has_critic:
             ev = ppo.explained_variance(buf.old_values, buf.returns, buf.turn_mask)
             self.log("train/explained_variance", ev, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
         self.log("train/nonfinite_steps", float(self._nonfinite.skipped), on_epoch=True)
+        # The last step's gradients would stay allocated through the next rollout and preparation
+        # (a model's size again); every step's backward starts from None anyway.
+        for optimizer in self.trainer.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -271,8 +284,11 @@ class PPOModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 0
+        # Fused only under plain precision: Lightning's mixed precision (AMP, FSDP's) cannot clip a
+        # fused optimizer's gradients, which unscale inside its step.
+        fused = type(self.trainer.precision_plugin) in (Precision, HalfPrecision)
         optimizer, scheduler = make_optimizer(
-            params, hp.learning_rate, hp.adam_eps, hp.weight_decay, hp.lr_schedule, max_epochs
+            params, hp.learning_rate, hp.adam_eps, hp.weight_decay, hp.lr_schedule, max_epochs, fused
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -281,3 +297,25 @@ class PPOModule(L.LightningModule):
         self.clip_gradients(
             optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
         )
+
+
+class EpochSums:
+    """An epoch's minibatch diagnostics, summed as Lightning's ``on_epoch`` logs with a
+    ``batch_size`` sum them (in float32, ``value * size`` step by step), without its per-step
+    work: one ``log_dict`` at the epoch's end gives the same weighted means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.size = 0
+
+    def add(self, metrics: dict[str, Tensor], size: int) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float() * size
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.size += size
+
+    def means(self) -> tuple[dict[str, Tensor], int] | None:
+        """``({name: weighted mean}, total size)``, or None when no minibatch was logged."""
+        if not self.size:
+            return None
+        return {name: total / self.size for name, total in self.sums.items()}, self.size

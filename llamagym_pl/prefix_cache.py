@@ -25,6 +25,7 @@ sequences are encoded whole (:func:`reuses_prefix`).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -100,11 +101,73 @@ def run_prefix(lm: nn.Module, prefix: Tensor, n: int) -> tuple[DynamicCache, Ten
     return cache, out.hidden_states[-1]
 
 
+def repeat_cache(cache: DynamicCache, n: int) -> DynamicCache:
+    """A new cache whose ``n`` rows are each ``cache``'s one row (a prefix from :func:`run_prefix`
+    with ``n=1``); ``cache`` stays as it is, so one encoded prefix serves several forwards. The
+    rows are expanded views (the next forward's concatenation copies them), and in training their
+    gradient sums into the one row, as :func:`run_prefix`'s repeated rows do."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        if layer.is_initialized:
+            layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(n, *layer.values.shape[1:])
+    return out
+
+
 @torch.no_grad()
 def encode_prefix(lm: nn.Module, prefix: Tensor, n: int) -> DynamicCache:
     """The KV cache of ``prefix`` ``(1, c)``, run once and repeated for ``n`` rows, for
     ``generate`` to continue on the cache it would have made (:func:`new_cache`)."""
     return run_prefix(lm, prefix, n)[0]
+
+
+class PrefixMemo:
+    """The KV cache of a prompt prefix, kept from one ``generate`` call to the next while the weights
+    stay as they are: the imperative loop replies to one prompt per call, every prompt starting with
+    the same system prompt, and the weights change only at its PPO updates.
+
+    It holds the first tokens the prompts seen since it was filled share; the first time, those a
+    prompt shares with the one before it. A prompt sharing fewer re-encodes that shorter prefix.
+    It is dropped by :meth:`clear` (after an optimizer step), and never served once any parameter
+    was changed in place (its version counter moved), replaced, or the LM switched mode.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []  # the prefix cached
+        self.cache: DynamicCache | None = None
+        self.weights: tuple | None = None  # what the cache was computed with
+        self.last: list[int] = []  # the previous prompt: where the next one's shared prefix ends
+
+    def clear(self) -> None:
+        self.ids, self.cache, self.weights = [], None, None
+
+    def cache_for(self, lm: nn.Module, prompt: list[int]) -> tuple[DynamicCache, int] | None:
+        """A KV cache of ``prompt``'s first c tokens (0 < c < its length) for one row, the memo's own
+        left intact, and c; None when no prefix is known to be shared."""
+        weights = _weights_key(lm)
+        if weights != self.weights:
+            self.clear()
+        known, self.last = (self.ids or self.last), prompt
+        c = _shared(known, prompt[:-1])  # the prompt keeps a token of its own
+        if c == 0:
+            return None
+        if c != len(self.ids):
+            device = next(lm.parameters()).device
+            self.cache = encode_prefix(lm, torch.tensor([prompt[:c]], device=device), 1)
+            self.ids, self.weights = prompt[:c], weights
+        return repeat_cache(self.cache, 1), c
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _weights_key(lm: nn.Module) -> tuple:
+    """Changes whenever a parameter of ``lm`` is modified in place (an optimizer step, a load) or
+    replaced, or ``lm`` changes mode."""
+    return lm.training, tuple((p.data_ptr(), p._version) for p in lm.parameters())
 
 
 def checkpointing(lm: nn.Module) -> bool:

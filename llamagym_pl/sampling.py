@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from transformers import GenerationConfig
 
 from llamagym_pl.policy import lm_call_names
-from llamagym_pl.prefix_cache import encode_prefix, prefix_first, shared_prefix_length, supports_prefix_cache
+from llamagym_pl.prefix_cache import (
+    PrefixMemo,
+    encode_prefix,
+    prefix_first,
+    shared_prefix_length,
+    supports_prefix_cache,
+)
 
 GENERATION_KEYS = frozenset(GenerationConfig().to_dict())
 """The settings a ``GenerationConfig`` has; any other key is a typo (``generate`` would reject it)."""
@@ -121,6 +127,7 @@ def generate_from_settings(
     attention_mask: Tensor,
     *,
     share_prefix: bool = True,
+    memo: PrefixMemo | None = None,
     **settings: Any,
 ) -> Any:
     """``policy.generate`` with exactly ``settings``: the LM's own generation config is set aside.
@@ -130,10 +137,22 @@ def generate_from_settings(
     first tokens all prompts share (the system prompt) are encoded once and generation continues
     from their KV cache (:mod:`llamagym_pl.prefix_cache`): the same tokens, fewer forward FLOPs.
     It falls back to the plain call where that is not known to be exact (:func:`continues_prefix`).
+    A single prompt shares no prefix within its batch; with a ``memo``
+    (:class:`~llamagym_pl.prefix_cache.PrefixMemo`) it continues the cache of the prefix it shares
+    with the prompts of earlier calls, as long as the weights have not changed.
     Returns what ``generate`` returns: ``(B, P + new)`` token ids unless ``settings`` ask for more.
     """
     config = build_generation_config(settings)
     with own_generation_config(policy.lm, config):
+        single = input_ids.shape[0] == 1 and bool(attention_mask.all())
+        if memo is not None and share_prefix and single:
+            # One prompt: the prefix it shares with the prompts before it, kept in ``memo``.
+            if continues_prefix(policy.lm, config, settings, input_ids.shape[1]):
+                found = memo.cache_for(policy.lm, input_ids[0].tolist())
+                if found is not None:
+                    cache_kw, _ = lm_call_names(policy.lm)
+                    kwargs = {cache_kw: found[0]}
+                    return policy.generate(input_ids, attention_mask, generation_config=config, **kwargs)
         shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
         if shared and continues_prefix(policy.lm, config, settings, input_ids.shape[1]):
             ids, mask = prefix_first(input_ids, attention_mask, shared)  # (B, P) each

@@ -129,7 +129,7 @@ def minibatch_loss(
     before the objective averages them, so the loss equals one forward over the whole minibatch.
     """
     parts = [batch] if isinstance(batch, dict) else batch
-    terms = [style.logprobs(policy, part) for part in parts]
+    terms = style.logprobs(policy, parts)
     turns = [part["turn_mask"] for part in parts]
     value_terms = (
         (
@@ -141,11 +141,13 @@ def minibatch_loss(
         if policy.has_critic
         else (None, None, None, None)  # critic-free: no value term
     )
+    entropy = torch.cat([t.entropy for t in terms])
     return ppo.ppo_objective(
         torch.cat([t.logprobs for t in terms]),
         torch.cat([t.old_logprobs for t in terms]),
         torch.cat([t.advantages for t in terms]),
-        torch.cat([t.entropy for t in terms]),
+        # Without an entropy bonus its gradient is 0 times the entropy's: no backward through it.
+        entropy if ent_coef else entropy.detach(),
         *value_terms,
         clip_coef,
         clip_vloss,
@@ -166,12 +168,36 @@ def make_optimizer(
     weight_decay: float,
     lr_schedule: Literal["constant", "linear"],
     horizon: int | None,
+    fused: bool = True,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and its schedule, stepped once per PPO iteration: ``linear`` decays the learning rate
-    to 0 over ``horizon`` iterations (None or 0: constant), ``constant`` keeps it."""
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, eps=adam_eps, weight_decay=weight_decay)
+    to 0 over ``horizon`` iterations (None or 0: constant), ``constant`` keeps it.
+
+    With ``fused``, AdamW's fused kernel where it runs (plain float tensors on CPU or CUDA): the
+    same update up to float rounding, in one pass over each tensor instead of a dozen (on CPU,
+    36 ms instead of 292 ms a step for a 58M-parameter model, one thread). Lightning's mixed
+    precision cannot clip the gradients of a fused optimizer: PPOModule passes False there."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=learning_rate,
+        eps=adam_eps,
+        weight_decay=weight_decay,
+        fused=(fused and fusable(params)) or None,
+    )
     if lr_schedule == "linear" and horizon:
         lr_lambda = lambda iteration: max(0.0, 1.0 - iteration / horizon)  # noqa: E731
     else:
         lr_lambda = lambda iteration: 1.0  # noqa: E731
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def fusable(params: list[nn.Parameter]) -> bool:
+    """Whether AdamW's fused kernel takes ``params``: plain tensors (not DTensors or other
+    subclasses) of a float dtype, all on CPU or all on one CUDA device type."""
+    return bool(params) and all(
+        type(p.data) is torch.Tensor and p.dtype in FUSED_DTYPES and p.device.type in ("cpu", "cuda")
+        for p in params
+    )

@@ -3,6 +3,7 @@ continues from its KV cache, with the very replies of the plain call (issue #15)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.chat import build_messages, encode_prompts, left_pad
 from llamagym_pl.loading import build_policy, load_tokenizer
 from llamagym_pl.policy import PolicyWithValueHead
-from llamagym_pl.prefix_cache import prefix_first, shared_prefix_length, supports_prefix_cache
+from llamagym_pl.prefix_cache import PrefixMemo, prefix_first, shared_prefix_length, supports_prefix_cache
 from llamagym_pl.sampling import generate_from_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,3 +182,36 @@ def test_eager_attention_shares_the_prefix_others_fall_back(family: Family) -> N
         assert not supports_prefix_cache(base, length=8)
     finally:
         base.config._attn_implementation = kernel
+
+
+def test_one_prompt_at_a_time_continues_the_remembered_prefix(family: Family) -> None:
+    """The imperative loop's serial prompts: with a PrefixMemo the prefix a prompt shares with the
+    earlier ones is encoded once and kept while the weights stay; the replies are the plain call's.
+    A weight changed in place (an optimizer step) drops it."""
+    policy, tokenizer = family
+    conversations = prompts(tokenizer)
+    memo_style, plain_style = GenerateStyle(NEW_TOKENS), GenerateStyle(NEW_TOKENS)
+    memo_style.prefix_memo = PrefixMemo()
+    ids = [encode_prompts(tokenizer, [c])[0][0].tolist() for c in conversations]
+    shared = len(os.path.commonprefix([ids[0], ids[3]]))  # the first and the last share the least
+
+    def reply_one(style: GenerateStyle, i: int, seed: int) -> tuple[tuple, list]:
+        torch.manual_seed(seed)
+        with embedded_shapes(policy.lm) as shapes:
+            (out,) = style.reply(policy, tokenizer, [conversations[i]], [None], greedy=False)
+        return (out.text, out.prompt_ids, out.reply_ids), shapes
+
+    runs = []
+    for seed, i in enumerate([0, 1, 3, 2, 0]):
+        (mine, shapes), (plain, _) = reply_one(memo_style, i, seed), reply_one(plain_style, i, seed)
+        assert mine == plain
+        runs.append(shapes)
+    assert runs[0][0] == (1, len(ids[0]))  # nothing known yet: the plain call
+    c01 = len(os.path.commonprefix([ids[0], ids[1]]))
+    assert runs[1][:2] == [(1, c01), (1, len(ids[1]) - c01)]  # shared with the one before, kept
+    assert runs[2][:2] == [(1, shared), (1, len(ids[3]) - shared)]  # shares less: that part again
+    assert runs[3][0] == (1, len(ids[2]) - shared) and runs[4][0] == (1, len(ids[0]) - shared)  # kept
+    with torch.no_grad():
+        next(policy.lm.parameters()).add_(0.0)  # in place: a new version, as an optimizer step makes
+    # Encoded again: the part it shares with the prompt before it (0's), then its own rest.
+    assert reply_one(memo_style, 3, 0)[1][:2] == [(1, shared), (1, len(ids[3]) - shared)]

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from llamagym_pl import ppo
 from llamagym_pl.actions import GenerateStyle
 from llamagym_pl.actions.generate import row_minibatch
+from llamagym_pl.actions.rows import row_forward, row_logprobs
 from llamagym_pl.buffer import build_buffer
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.loading import build_policy, load_tokenizer
@@ -73,7 +74,7 @@ def full_logits_terms(policy: PolicyWithValueHead, batch: dict) -> tuple[torch.T
 
 
 def reply_terms(policy: PolicyWithValueHead, batch: dict) -> tuple[torch.Tensor, ...]:
-    terms = GenerateStyle(temperature=TEMPERATURE).logprobs(policy, batch)
+    (terms,) = GenerateStyle(temperature=TEMPERATURE).logprobs(policy, [batch])
     return terms.logprobs, terms.entropy, terms.values
 
 
@@ -232,3 +233,21 @@ def test_unknown_logit_transform_falls_back_to_full_logits_once_warned(
     # The old log-probs came from the same fallback: the ratio is exactly 1.
     _, metrics = minibatch_loss(GenerateStyle(temperature=TEMPERATURE), policy, batch, 0.2, True, 0.5, 0.0)
     assert float(metrics["train/approx_kl"]) == 0.0 and float(metrics["train/clipfrac"]) == 0.0
+
+
+def test_preparation_log_probs_in_chunks_are_those_of_all_positions(tiny_model_dir: Path) -> None:
+    """row_logprobs runs the output layer a few positions at a time: the log-probs and values of
+    row_forward's logits at all of them at once."""
+    tokenizer, policy = load_tokenizer(str(tiny_model_dir)), build_policy(str(tiny_model_dir)).eval()
+    batch = scored_batch(policy, tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, cols = batch["action_mask"].nonzero(as_tuple=True)
+    tokens = ids[rows, cols]
+    with torch.no_grad():
+        logits, values = row_forward(policy, ids, mask, rows, cols - 1)
+        chunked, chunked_values = row_logprobs(
+            policy, ids, mask, rows, cols - 1, tokens, TEMPERATURE, chunk=3
+        )
+    assert len(tokens) > 3
+    torch.testing.assert_close(chunked, ppo.token_logprobs(logits / TEMPERATURE, tokens), rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked_values, values, rtol=0, atol=0)

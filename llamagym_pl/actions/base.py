@@ -85,8 +85,10 @@ class ActionStyle(Protocol):
         """No grad, eval mode: the old log-probs of every action (into ``buf.old_logprobs``), each
         turn's value (as :meth:`logprobs` reads the new ones) and, with a reference, each turn's KL."""
 
-    def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
-        """With grad: the minibatch's new log-probs and entropies, aligned with its old ones."""
+    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
+        """With grad: the new log-probs and entropies of a minibatch given as forwards over units
+        of similar length (:meth:`minibatch` tensors each), aligned with its old ones: one
+        :class:`ActionTerms` per part."""
 
 
 def row_chunks(

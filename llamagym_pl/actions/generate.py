@@ -17,12 +17,13 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions.base import ActionTerms, Policy, Prepared, Prompt, Reference, State, row_chunks
-from llamagym_pl.actions.rows import row_forward
+from llamagym_pl.actions.rows import row_forwards, row_logprobs
 from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import UnknownWords, left_pad, prompt_token_ids
 from llamagym_pl.episode import Episode, Reply
 from llamagym_pl.guards import check_context
 from llamagym_pl.kl import turn_kl
+from llamagym_pl.prefix_cache import PrefixMemo
 from llamagym_pl.sampling import SAMPLING_KEYS, generate_from_settings
 
 
@@ -44,6 +45,9 @@ class GenerateStyle:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.share_prefix = share_prefix
+        # Set by a loop that replies to one prompt at a time (the imperative one): the shared
+        # prefix's KV cache kept across calls while the weights stay the same.
+        self.prefix_memo: PrefixMemo | None = None
         self.sampling = {
             "do_sample": True,
             **settings,
@@ -80,6 +84,7 @@ class GenerateStyle:
             input_ids.to(device),
             attention_mask.to(device),
             share_prefix=self.share_prefix,
+            memo=self.prefix_memo,
             **ids_of | settings,
         )
         new = out[:, input_ids.shape[1] :].cpu()  # (B, new)
@@ -99,7 +104,7 @@ class GenerateStyle:
     @torch.no_grad()
     def prepare(self, policy: Policy, buf: RolloutBuffer, batch_size: int, reference: Reference) -> Prepared:
         """Old log-probs of the reply tokens and values from one forward per ``batch_size`` rows
-        (:func:`~llamagym_pl.actions.rows.row_forward`, as :meth:`logprobs` computes the new ones).
+        (:func:`~llamagym_pl.actions.rows.row_logprobs`, as :meth:`logprobs` computes the new ones).
         With a reference, each turn's KL penalty is the summed ``log pi - log pi_ref`` of its tokens
         (see :mod:`llamagym_pl.kl`), the reference scored by the same forward."""
         device = next(policy.parameters()).device
@@ -112,13 +117,14 @@ class GenerateStyle:
             at = take[rows], cols  # their places in the buffer
             rows, cols = rows.to(device), cols.to(device)
             tokens = ids[rows, cols]  # (N,)
-            logits, v = row_forward(policy, ids, mask, rows, cols - 1)  # (N, V), (B, L)
+            # The output layer over a few hundred positions at a time: never all (N, V) logits.
+            lp, v = row_logprobs(policy, ids, mask, rows, cols - 1, tokens, buf.temperature)  # (N,), (B, L)
             values[take, :length] = v.float().cpu()
-            logprobs[at] = ppo.token_logprobs(logits / buf.temperature, tokens).cpu()
+            logprobs[at] = lp.cpu()
             if ref_logprobs is not None:
                 with reference.as_policy(device) as initial:
-                    ref_logits, _ = row_forward(initial, ids, mask, rows, cols - 1)  # (N, V)
-                ref_logprobs[at] = ppo.token_logprobs(ref_logits / buf.temperature, tokens).cpu()
+                    ref_lp, _ = row_logprobs(initial, ids, mask, rows, cols - 1, tokens, buf.temperature)
+                ref_logprobs[at] = ref_lp.cpu()
         # Turn t's value at the end of its prompt; a truncated episode's next state at its row's end.
         turn_values = values[buf.value_rows, buf.value_positions] * buf.turn_mask  # (E, T)
         next_value = values[buf.bootstrap_row, buf.bootstrap_position]  # (E,)
@@ -133,21 +139,34 @@ class GenerateStyle:
             turn_values, next_value, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))}
         )
 
-    def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
+    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
         """Every response token of the rows, under ``softmax(logits / temperature)``; the values
-        at the rows' turn positions. One forward of the rows (:func:`~.rows.row_forward`): the
-        output layer only at the positions that predict the response tokens."""
-        ids = batch["input_ids"]
-        rows, cols = batch["action_mask"].nonzero(as_tuple=True)  # response tokens; never position 0
-        logits, values = row_forward(policy, ids, batch["attention_mask"], rows, cols - 1)  # (N, V), (B, L)
+        at the rows' turn positions; one :class:`ActionTerms` per part. One forward of each
+        part's rows (:func:`~.rows.row_forwards`): the prefix they all share encoded once, the
+        output layer only at the positions that predict the response tokens, once for all parts."""
+        reads = [part["action_mask"].nonzero(as_tuple=True) for part in parts]  # never position 0
+        logits, values = row_forwards(
+            policy,
+            [
+                (part["input_ids"], part["attention_mask"], rows, cols - 1)
+                for part, (rows, cols) in zip(parts, reads, strict=True)
+            ],
+        )  # (N, V) over all parts, (B, L) each
         step_logits = logits / self.temperature  # (N, V): at the sampling temperature
-        return ActionTerms(
-            logprobs=ppo.token_logprobs(step_logits, ids[rows, cols]),  # (N,)
-            old_logprobs=batch["old_logprobs"][rows, cols],
-            advantages=batch["token_advantages"][rows, cols],
-            entropy=ppo.entropy_from_logits(step_logits),
-            values=values.gather(1, batch["value_positions"]),  # (B, T)
-        )
+        tokens = torch.cat([part["input_ids"][r, c] for part, (r, c) in zip(parts, reads, strict=True)])
+        sizes = [len(rows) for rows, _ in reads]
+        logprobs = ppo.token_logprobs(step_logits, tokens).split(sizes)  # (N,) each part's
+        entropy = ppo.entropy_from_logits(step_logits).split(sizes)
+        return [
+            ActionTerms(
+                logprobs=lp,
+                old_logprobs=part["old_logprobs"][rows, cols],
+                advantages=part["token_advantages"][rows, cols],
+                entropy=h,
+                values=v.gather(1, part["value_positions"]),  # (B, T)
+            )
+            for part, (rows, cols), lp, h, v in zip(parts, reads, logprobs, entropy, values, strict=True)
+        ]
 
 
 def cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:

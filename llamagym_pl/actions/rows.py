@@ -21,14 +21,23 @@ reproduce.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from llamagym_pl import ppo
 from llamagym_pl.lm_head import last_hidden, output_logits, reads_hidden
 from llamagym_pl.policy import lm_call_names
-from llamagym_pl.prefix_cache import common_prefix_length, reuses_prefix, run_prefix
+from llamagym_pl.prefix_cache import common_prefix_length, repeat_cache, reuses_prefix, run_prefix
+
+READ_CHUNK = 256
+"""Positions per output-layer call in :func:`row_logprobs`: (256, 32k) fp32 logits are 33 MB."""
+
+Rows = tuple[Tensor, Tensor, Tensor, Tensor]
+"""One forward's ``(input_ids, attention_mask, rows, cols)``: right-padded rows (B, L) and the
+positions (N,) whose logits are read."""
 
 
 def row_forward(
@@ -38,38 +47,87 @@ def row_forward(
     every position (B, L). ``policy``: its ``lm``, ``value_head`` and ``training`` mode (a
     :class:`~llamagym_pl.policy.PolicyWithValueHead`, or the reference's
     :meth:`~llamagym_pl.kl.ReferencePolicy.as_policy`)."""
-    hidden = row_hidden(policy, input_ids, attention_mask)  # (B, L, H)
+    logits, values = row_forwards(policy, [(input_ids, attention_mask, rows, cols)])
+    return logits, values[0]
+
+
+def row_forwards(policy: Any, parts: Sequence[Rows]) -> tuple[Tensor, list[Tensor]]:
+    """:func:`row_forward` over several forwards at once (a minibatch's length groups): the logits
+    at every part's positions, concatenated in order, (sum N, V), and each part's values (B, L).
+    The prefix all their rows share is encoded once for all of them, and the output layer runs
+    once over all the positions read: the same numbers as one :func:`row_forward` per part."""
+    hidden = rows_hidden(policy, [(ids, mask) for ids, mask, _, _ in parts])  # each (B, L, H)
     if hidden is None:  # an LM whose logits we cannot reproduce from its hidden states
-        out = policy.lm(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
-        )
-        return out.logits[rows, cols], policy.value_head(out.hidden_states[-1])  # (N, V), (B, L)
-    return output_logits(policy.lm, hidden[rows, cols]), policy.value_head(hidden)  # (N, V), (B, L)
+        logits, values = [], []
+        for ids, mask, rows, cols in parts:
+            out = policy.lm(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+            logits.append(out.logits[rows, cols])  # (N, V)
+            values.append(policy.value_head(out.hidden_states[-1]))  # (B, L)
+        return torch.cat(logits), values
+    read = torch.cat([h[rows, cols] for h, (_, _, rows, cols) in zip(hidden, parts, strict=True)])  # (N, H)
+    return output_logits(policy.lm, read), [policy.value_head(h) for h in hidden]
 
 
 def row_hidden(policy: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
-    """The LM's last hidden states (B, L, H) of right-padded rows, its output layer run at one
-    position per row; None when its logits cannot be computed from them
-    (:func:`~llamagym_pl.lm_head.last_hidden`)."""
+    """The LM's last hidden states (B, L, H) of right-padded rows (:func:`rows_hidden` of one)."""
+    hidden = rows_hidden(policy, [(input_ids, attention_mask)])
+    return None if hidden is None else hidden[0]
+
+
+def rows_hidden(policy: Any, parts: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor] | None:
+    """The LM's last hidden states (B, L, H) of each part's right-padded rows ``(input_ids,
+    attention_mask)``, its output layer run at one position per row; None when its logits cannot
+    be computed from them (:func:`~llamagym_pl.lm_head.last_hidden`). The prefix every row of
+    every part shares runs once, its KV cache repeated for each part's rows."""
     lm = policy.lm
     if not reads_hidden(lm):
         return None
-    b, length = input_ids.shape
     # At most the shortest row's length minus one: every row keeps a token of its own to run.
-    shortest = int(attention_mask.sum(1).min())
-    c = common_prefix_length(input_ids[:, : shortest - 1]) if reuses_prefix(policy) else 0
+    shortest = min(int(mask.sum(1).min()) for _, mask in parts)
+    heads = torch.cat([ids[:, : shortest - 1] for ids, _ in parts])
+    c = common_prefix_length(heads) if reuses_prefix(policy) else 0
     if c == 0:
-        return last_hidden(lm, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    cache, prefix = run_prefix(lm, input_ids[:1, :c], b)  # prefix: (1, c, H)
+        hidden = [last_hidden(lm, input_ids=ids, attention_mask=mask, use_cache=False) for ids, mask in parts]
+        return None if any(h is None for h in hidden) else hidden
+    prefix_cache, prefix = run_prefix(lm, parts[0][0][:1, :c], 1)  # prefix: (1, c, H)
     cache_kw, _ = lm_call_names(lm)
-    rest = last_hidden(
-        lm,
-        input_ids=input_ids[:, c:],  # (B, L - c)
-        attention_mask=attention_mask,  # (B, L): the prefix's c columns are ones, as in the cache
-        position_ids=torch.arange(c, length, device=input_ids.device).expand(b, -1),
-        use_cache=True,
-        **{cache_kw: cache},
-    )  # (B, L - c, H)
-    if rest is None:
-        return None
-    return torch.cat([prefix.expand(b, -1, -1), rest], 1)  # (B, L, H); the expand's gradient sums
+    out = []
+    for ids, mask in parts:
+        b, length = ids.shape
+        rest = last_hidden(
+            lm,
+            input_ids=ids[:, c:],  # (B, L - c)
+            attention_mask=mask,  # (B, L): the prefix's c columns are ones, as in the cache
+            position_ids=torch.arange(c, length, device=ids.device).expand(b, -1),
+            use_cache=True,
+            **{cache_kw: repeat_cache(prefix_cache, b)},
+        )  # (B, L - c, H)
+        if rest is None:
+            return None
+        out.append(torch.cat([prefix.expand(b, -1, -1), rest], 1))  # (B, L, H); the expand's gradient sums
+    return out
+
+
+def row_logprobs(
+    policy: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    tokens: Tensor,
+    temperature: float,
+    chunk: int = READ_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """:func:`row_forward`'s log-probs of ``tokens`` (N,) under ``softmax(logits / temperature)``
+    at ``(rows, cols)``, and its values (B, L), with the output layer run over at most ``chunk``
+    positions at a time: a no-grad pass over many rows never holds all their (N, V) logits."""
+    hidden = row_hidden(policy, input_ids, attention_mask)  # (B, L, H)
+    if hidden is None:  # an LM whose logits we cannot reproduce from its hidden states
+        logits, values = row_forward(policy, input_ids, attention_mask, rows, cols)
+        return ppo.token_logprobs(logits / temperature, tokens), values
+    read = hidden[rows, cols]  # (N, H)
+    logprobs = [
+        ppo.token_logprobs(output_logits(policy.lm, part) / temperature, part_tokens)
+        for part, part_tokens in zip(read.split(chunk), tokens.split(chunk), strict=True)
+    ]
+    return torch.cat(logprobs) if logprobs else read.new_zeros(0), policy.value_head(hidden)

@@ -169,9 +169,12 @@ class ScoreStyle:
             next_value[truncated] = rows[torch.arange(len(truncated)), buf.bootstrap_position[truncated]]
         return next_value
 
-    def logprobs(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
-        """All candidates of every turn scored again, with grad, in one batched forward: a turn's
-        log-prob is its chosen candidate's, its entropy the candidate distribution's."""
+    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
+        """All candidates of every turn scored again, with grad, one batched forward per part: a
+        turn's log-prob is its chosen candidate's, its entropy the candidate distribution's."""
+        return [self._terms(policy, part) for part in parts]
+
+    def _terms(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
         sums, values = candidate_forward(policy, batch)  # (R,), (N,)
         logp = candidate_logprobs(batch, sums, self.normalization, self.temperature)  # (N, C)
         return ActionTerms(
