@@ -45,6 +45,11 @@ class GroupEstimator:
     eps: float = 1e-6
 
 
+def group_estimator(name: EstimatorName, std_norm: bool, step_weight: float) -> GroupEstimator | None:
+    """The critic-free estimator that the ``model.*`` settings name; None for ``gae`` (a critic)."""
+    return GroupEstimator(name, std_norm, step_weight) if name in CRITIC_FREE else None
+
+
 def group_ids(keys: Sequence[Hashable | None]) -> Tensor:
     """Consecutive group numbers (N,) for ``keys``: equal keys share a number; a ``None`` key is a
     group of its own."""

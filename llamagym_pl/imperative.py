@@ -36,7 +36,7 @@ from llamagym_pl.actions import RolloutDataset, make_style
 from llamagym_pl.actor import Actor
 from llamagym_pl.buffer import RolloutBuffer, build_buffer
 from llamagym_pl.episode import Episode, InvalidActions, PromptBudget, derive_seed, format_observation
-from llamagym_pl.estimators import CRITIC_FREE, GroupEstimator
+from llamagym_pl.estimators import group_estimator
 from llamagym_pl.imperative_setup import GENERATE_KEY, PPO_KEY, ImperativeConfig, as_policy, generation_kwargs
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.minibatches import MinibatchSampler
@@ -72,10 +72,8 @@ class ImperativeTrainer:
             # Left padding needs a pad id; borrowing eos (as load_tokenizer does) leaves the vocab alone.
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.estimator = (
-            GroupEstimator(cfg.advantage_estimator, cfg.group_std_norm, cfg.step_advantage_weight)
-            if cfg.advantage_estimator in CRITIC_FREE
-            else None
+        self.estimator = group_estimator(
+            cfg.advantage_estimator, cfg.group_std_norm, cfg.step_advantage_weight
         )
         self.policy = as_policy(model, critic=self.estimator is None)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device

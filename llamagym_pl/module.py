@@ -20,7 +20,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions import Rollout
-from llamagym_pl.estimators import CRITIC_FREE, EstimatorName, GroupEstimator
+from llamagym_pl.estimators import EstimatorName, group_estimator
 from llamagym_pl.guards import NonFiniteLoss, check_checkpoint_fits, check_ranges
 from llamagym_pl.kl import KLController, ReferencePolicy
 from llamagym_pl.loading import LoadOptions, Quantization, build_policy, load_tokenizer
@@ -137,11 +137,9 @@ class PPOModule(L.LightningModule):
             "lora_target_modules",
             *LoadOptions.__annotations__,
         ]
-        critic = advantage_estimator not in CRITIC_FREE
+        self.estimator = group_estimator(advantage_estimator, group_std_norm, step_advantage_weight)
+        critic = self.estimator is None
         self.policy = build_policy(**{name: self.hparams[name] for name in policy_args}, critic=critic)
-        self.estimator = (
-            None if critic else GroupEstimator(advantage_estimator, group_std_norm, step_advantage_weight)
-        )
         self.kl_ctl = KLController(kl_coef, target_kl_ref, kl_horizon)
         # Not a submodule: never saved, trained or switched to train mode (see ReferencePolicy).
         self.reference = ReferencePolicy(self.policy) if kl_coef > 0 else None
