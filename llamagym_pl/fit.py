@@ -38,7 +38,7 @@ from llamagym_pl.guards import (
     one_line_errors,
     read_checkpoint,
 )
-from llamagym_pl.lost_rank import rank_lost
+from llamagym_pl.lost_rank import rank_lost, watch_children
 from llamagym_pl.module import PPOModule
 from llamagym_pl.preemption import (
     REQUEUE_SIGNAL,
@@ -182,6 +182,7 @@ def fit(cli: LlamaGymCLI) -> None:
     if local is not None:  # a torn or foreign file: one line now, not a traceback from Lightning
         check_checkpoint_fits(cli.model, read_checkpoint(local), local)
     trainer = cli.trainer
+    watch_children("llamagym_pl.fit", lambda: resume_hint(cli))  # rank 0's DDP children
     try:
         # weights_only: resuming runs no pickled code (the checkpoint holds plain values only).
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -168,7 +168,9 @@ def nosystem_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTo
 
 @pytest.fixture
 def tiny_policy(tiny_model_dir: Path) -> PolicyWithValueHead:
-    """A fresh tiny policy (LM + value head) per test: tests may train it or switch its mode."""
+    """A fresh tiny policy (LM + value head) per test: tests may train it or switch its mode. The
+    value head is initialised from a fixed seed, not from whatever earlier tests left in the RNG."""
+    torch.manual_seed(0)
     return PolicyWithValueHead(load_causal_lm(str(tiny_model_dir)))
 
 

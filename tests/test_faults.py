@@ -170,3 +170,33 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_how_much_room_is_needed(
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
     assert read_checkpoint(last)["epoch"] == 2
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # no partial file for `last`
+
+
+_OBSERVED = """
+import subprocess, sys, time
+from llamagym_pl import lost_rank
+from lightning.pytorch.strategies.launchers import subprocess_script as launcher
+lost_rank.watch_children("prog", lambda: "resume with X")
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+launcher._launch_process_observer([child])  # what Lightning's DDP launcher calls in rank 0
+print(child.pid, flush=True)
+time.sleep(30)  # rank 0 busy without a collective (a rollout): the observer must stop it
+"""
+
+
+def test_rank_0_reports_a_dead_child_in_one_line_when_lightnings_observer_sees_it_first() -> None:
+    """Lightning's child observer SIGKILLed rank 0 silently (exit -9) when it noticed a dead child
+    before rank 0's next collective did; now it is the same one line and exit status 1."""
+    env = {**os.environ, "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OBSERVED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    child = int(proc.stdout.readline())
+    os.kill(child, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=25)  # the observer polls every 5 s
+    assert proc.returncode == 1, stderr
+    # (Lightning's own log line, "Child process with PID ... terminated", may come before it)
+    assert stderr.strip().splitlines()[-1] == (
+        "prog: error: rank 1 of 2 was lost (its process died or stopped answering: killed by SIGKILL), "
+        "so rank 0 stopped too; resume with X"
+    )
