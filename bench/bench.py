@@ -45,8 +45,9 @@ MID_VOCAB = 32_000
 TARGETS = {
     "rollout_vs_limit": 1.25,
     "update_vs_limit": 1.25,
-    # Minibatches are random (a row's length depends on the actions) and run as forwards of
-    # similar length; update_padding_random is what one forward per minibatch would pad (no target).
+    # Minibatches are random (a row's length depends on the actions); their rows run packed past
+    # the shared prefix (llamagym_pl.packing): update_padding is what those forwards padded,
+    # update_padding_random what one forward per minibatch would pad (no target).
     "update_padding": 0.10,
     "speedup": 30.0,
 }
@@ -121,8 +122,8 @@ COLUMNS = (
 )  # fmt: skip
 """The table's columns: ``*/lim`` our time over the limit (the bare model's time for the necessary
 work), ``*/rep`` over the bare replay of the same passes; ``enc/trn`` the tokens an update must
-encode per token it trains; ``upd pad`` the update's padding with our minibatch sampler, ``rnd pad``
-with minibatches drawn at random."""
+encode per token it trains; ``upd pad`` the padding in the update's forwards (the prefix once, the
+rows packed), ``rnd pad`` in one padded forward per random minibatch."""
 
 
 def row_values(row: dict[str, Any]) -> list[Any]:

@@ -108,6 +108,26 @@ class UpdateLog:
     ours: Clock
     limit: Limit
     shapes: list[tuple[int, int, int]]  # (B, L, non-padding tokens) of every minibatch
+    ran: list[tuple[int, int, int]]  # (B, L, non-padding tokens) of every LM forward it ran
+
+
+def lm_forward_shapes(lm: torch.nn.Module, shapes: list[tuple[int, int, int]]) -> Any:
+    """Record ``(B, L, non-padding tokens)`` of every forward of ``lm`` into ``shapes`` (packed
+    rows included: a 4D mask's slot is real where it sees itself); returns the hook handle."""
+
+    def record(_module: Any, _args: Any, kwargs: dict) -> None:
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        b, length = ids.shape
+        if mask is None:
+            real = b * length
+        elif mask.dim() == 4:  # (B, 1, L, cache + L): boolean, or additive (0 where seen)
+            seen = mask if mask.dtype == torch.bool else mask == 0
+            real = int(seen[:, 0].diagonal(offset=mask.shape[-1] - length, dim1=-2, dim2=-1).sum())
+        else:
+            real = int(mask[:, -length:].sum())
+        shapes.append((b, length, real))
+
+    return lm.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def run_update(
@@ -124,7 +144,7 @@ def run_update(
     optimizer.step()
     num_minibatches = min(setting.num_minibatches, len(buf))  # one env may finish few episodes
     sampler = MinibatchSampler(buf.train_lengths, num_minibatches, setting.update_epochs, seed=0)
-    ours, limit, shapes = Clock(device), Limit.on(device), []
+    ours, limit, shapes, ran = Clock(device), Limit.on(device), [], []
     style = GenerateStyle()
     dataset = RolloutDataset(buf, style)
     policy.train()
@@ -132,7 +152,9 @@ def run_update(
         with ours:
             # As the DataModule hands it over: a random minibatch as forwards of similar length.
             parts = [{k: v.to(device) for k, v in part.items()} for part in dataset[index]]
+            hook = lm_forward_shapes(policy.lm, ran)
             loss, _ = minibatch_loss(style, policy, parts, CLIP_COEF, True, VF_COEF, 0.0)
+            hook.remove()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -141,7 +163,7 @@ def run_update(
             bare_update(policy.lm, part["input_ids"], part["attention_mask"], part["action_mask"], limit)
             shapes.append((*part["input_ids"].shape, int(part["attention_mask"].sum())))
     optimizer.zero_grad(set_to_none=True)
-    return UpdateLog(ours, limit, shapes)
+    return UpdateLog(ours, limit, shapes, ran)
 
 
 @dataclass
@@ -207,6 +229,7 @@ def run_setting(
         min((u.ours for u in updates), key=lambda c: c.seconds),
         min((u.limit for u in updates), key=lambda limit: limit.replay.seconds),
         updates[0].shapes,
+        updates[0].ran,
     )
     row = make_row(setting, rollout, update, score_clock.seconds, buffer_clock.seconds, len(episodes))
     num_minibatches = min(setting.num_minibatches, len(buf))
@@ -289,7 +312,8 @@ def make_row(
         **work("update", update.limit),
         "update_encoded_per_trained_token": update.limit.tokens / max(update.limit.heads, 1),
         "update_tokens_per_s": update_tokens / update.ours.seconds,
-        "update_padding": padding_fraction(update.shapes),
+        # What the update's forwards ran: the shared prefix once, the rows packed past it.
+        "update_padding": padding_fraction(update.ran),
         "split_s": split,
         "total_s": sum(split.values()),
     }

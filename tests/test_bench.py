@@ -60,7 +60,7 @@ def test_quick_bench_writes_the_table_and_json(tmp_path: Path) -> None:
         assert sum(row["split_s"].values()) == pytest.approx(row["total_s"])
         assert row["rollout_vs_limit"] > 0 and row["update_vs_limit"] > 0
         assert 0.0 <= row["update_padding"] < 1.0 and 0.0 <= row["update_padding_random"] < 1.0
-        assert row["update_padding"] <= 0.10 + 1e-9  # forwards of similar length (minibatches.length_groups)
+        assert row["update_padding"] <= 0.10 + 1e-9  # the rows packed past the prefix (llamagym_pl.packing)
         for name in ("rollout", "update"):
             tokens, replay, heads, replay_heads = (row[f"{name}_{key}"] for key in WORK_KEYS)
             assert 0 < tokens <= replay and 0 < heads <= replay_heads

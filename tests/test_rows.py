@@ -26,6 +26,7 @@ from llamagym_pl.actions.rows import row_forward, row_logprobs
 from llamagym_pl.buffer import build_buffer
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.loading import build_policy, load_tokenizer
+from llamagym_pl.packing import PACK_TOKENS, pack_rows
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.update import minibatch_loss, prepare_rollout
 
@@ -103,6 +104,14 @@ def shared_prefix_by_hand(batch: dict) -> int:
     return c
 
 
+def packed_shape(own: torch.Tensor) -> tuple[int, int]:
+    """The (packs, width) of rows with ``own`` tokens past the prefix, packed
+    (:func:`~llamagym_pl.packing.pack_rows`)."""
+    sizes = own.tolist()
+    packs = pack_rows(sizes, max(PACK_TOKENS, max(sizes)))
+    return len(packs), max(sum(sizes[r] for r in pack) for pack in packs)
+
+
 def assert_same_terms_and_grads(new: tuple, old: tuple) -> None:
     (terms, grads, *_), (old_terms, old_grads, *_) = new, old
     for got, expected in zip(terms, old_terms, strict=True):
@@ -126,10 +135,14 @@ def test_reply_logits_and_shared_prefix_equal_full_logits_of_whole_rows(family_d
     c, hidden = shared_prefix_by_hand(batch), policy.lm.config.get_text_config().hidden_size
     lm_calls, head_inputs = new[2], new[3]
     assert c > 10, "the rows share the system prompt"
-    assert lm_calls == [(1, c), (b, length - c)], "the prefix once, then each row's rest on its cache"
-    # The output layer: the prefix's and the rows' last positions (the LM's own, then our check of
-    # it), then the N positions that predict the reply tokens; not B x L.
-    assert head_inputs == [(1, 1, hidden), (b, 1, hidden), (b, 1, hidden), (n, hidden)]
+    # The rows' own tokens packed into one sequence on the prefix's cache (packing), or run as
+    # a padded batch on the repeated cache where packing is not known exact (sliding windows).
+    packed = "gemma2" not in family_dir.name
+    rest = packed_shape(batch["attention_mask"].sum(1) - c) if packed else (b, length - c)
+    assert lm_calls == [(1, c), rest], "the prefix once, then the rows' rests on its cache"
+    # The output layer: the prefix's and the rest's last positions (the LM's own, then our check
+    # of it), then the N positions that predict the reply tokens; not B x L.
+    assert head_inputs == [(1, 1, hidden), (rest[0], 1, hidden), (rest[0], 1, hidden), (n, hidden)]
     assert old[3] == [(b, length, hidden)]
 
 
@@ -142,11 +155,11 @@ def test_a_prefix_that_covers_a_reply_is_read_from_the_prefix(
     buf = build_buffer(tiny_tokenizer, same_start)
     prepare_rollout(tiny_policy, buf, GenerateStyle(), gamma=1.0, gae_lambda=0.95, batch_size=4)
     batch = row_minibatch(buf, [0, 1, 2, 3])
-    c, length = shared_prefix_by_hand(batch), batch["input_ids"].shape[1]
+    c = shared_prefix_by_hand(batch)
     assert batch["action_mask"][:, :c].all(0).any(), "every row's first reply is in the prefix"
     new = terms_and_grads(tiny_policy.train(), batch, reply_terms)
     assert_same_terms_and_grads(new, terms_and_grads(tiny_policy, batch, full_logits_terms))
-    assert new[2] == [(1, c), (4, length - c)]
+    assert new[2] == [(1, c), packed_shape(batch["attention_mask"].sum(1) - c)]
 
 
 def test_gradient_checkpointing_runs_whole_rows_with_the_same_result(
@@ -174,6 +187,8 @@ def test_prepare_runs_the_output_layer_at_reply_tokens_only(
     perturb_trainable(policy)  # the policy moved away from the reference
     reference = ReferencePolicy(policy)
     buf = build_buffer(tiny_tokenizer, episodes(4))
+    # Once before: the first packed forward of a model is checked against the rows run alone.
+    prepare_rollout(policy, buf, GenerateStyle(), 1.0, 0.95, batch_size=3, reference=reference, kl_coef=0.1)
     with recorded(policy) as (lm_calls, head_inputs):
         prepare_rollout(
             policy, buf, GenerateStyle(), 1.0, 0.95, batch_size=3, reference=reference, kl_coef=0.1
@@ -185,10 +200,12 @@ def test_prepare_runs_the_output_layer_at_reply_tokens_only(
         c = shared_prefix_by_hand(
             {"input_ids": buf.input_ids[take], "attention_mask": buf.attention_mask[take]}
         )
+        # Several rows: the prefix once, their rests packed (1, tokens); one row: itself.
         prefix_calls, prefix_head = ([(1, c)], [(1, 1, hidden)]) if b > 1 else ([], [])
+        own = packed_shape(buf.lengths[take] - c) if b > 1 else (b, rest)
         for _ in ("policy", "reference"):
-            expected_calls += [*prefix_calls, (b, rest - c)]
-            expected_head += [*prefix_head, (b, 1, hidden), (b, 1, hidden), (n, hidden)]
+            expected_calls += [*prefix_calls, own]
+            expected_head += [*prefix_head, (own[0], 1, hidden), (own[0], 1, hidden), (n, hidden)]
     assert lm_calls == expected_calls and head_inputs == expected_head
     # The same old log-probs and values as full logits of whole rows, 0 off the reply tokens.
     with torch.no_grad():

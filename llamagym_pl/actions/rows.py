@@ -29,6 +29,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.lm_head import last_hidden, output_logits, reads_hidden
+from llamagym_pl.packing import packable, packed_rests
 from llamagym_pl.policy import lm_call_names
 from llamagym_pl.prefix_cache import common_prefix_length, repeat_cache, reuses_prefix, run_prefix
 
@@ -90,6 +91,10 @@ def rows_hidden(policy: Any, parts: Sequence[tuple[Tensor, Tensor]]) -> list[Ten
         hidden = [last_hidden(lm, input_ids=ids, attention_mask=mask, use_cache=False) for ids, mask in parts]
         return None if any(h is None for h in hidden) else hidden
     prefix_cache, prefix = run_prefix(lm, parts[0][0][:1, :c], 1)  # prefix: (1, c, H)
+    if packable(lm, max(ids.shape[1] for ids, _ in parts)):
+        rests = packed_rests(lm, parts, c, prefix_cache)  # each (B, L - c, H), zeros at padding
+        if rests is not None:
+            return [torch.cat([prefix.expand(r.shape[0], -1, -1), r], 1) for r in rests]
     cache_kw, _ = lm_call_names(lm)
     out = []
     for ids, mask in parts:
