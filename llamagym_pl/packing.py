@@ -1,23 +1,24 @@
-"""Rows that share an encoded prefix, packed into one sequence: no padding, one forward.
+"""Rows that share an encoded prefix, packed side by side: little padding, one forward.
 
 A minibatch's rows (:mod:`llamagym_pl.actions.rows`) share their first ``c`` tokens (the system
 prompt, encoded once) and differ in length. Run as padded batches they cost a forward per
 length group (:func:`~llamagym_pl.minibatches.length_groups`) plus the padding; on a small
 model each forward's fixed cost outweighs its arithmetic. Packed, the rows' own tokens (each
-row's rest after the prefix) are laid end to end in one ``(1, T)`` sequence on the prefix's KV
-cache, with
+row's rest after the prefix) are laid end to end in ``P`` packs of about :data:`PACK_TOKENS`
+tokens (:func:`pack_rows`: balanced, so padded to the widest they pad little), run as one
+``(P, W)`` batch on the prefix's KV cache, with
 
 - ``position_ids`` restarting at ``c`` for every row, so each token keeps its position;
-- a 4D attention mask ``(1, 1, T, c + T)`` that lets a token see the prefix and the earlier
+- a 4D attention mask ``(P, 1, W, c + W)`` that lets a token see the prefix and the earlier
   tokens of its own row only, so each token attends to exactly what it did in its own row.
 
 Each token's hidden state is then its row's, up to float rounding (other matmul shapes, as
-between batch sizes). A pack holds at most :data:`PACK_TOKENS` tokens (a row is never split):
-attention is ``T x (c + T)`` per pack, so its cost and the mask stay bounded.
+between batch sizes). A row is never split; attention is ``W x (c + W)`` per pack, so bounded
+packs keep its cost and the mask small (one pack per minibatch was slower than padded rows).
 
-Transformers takes a 4D mask as given, so what a model does with it is checked once per model
-(:func:`packs`): the first pack also runs unpacked, and a model whose packed hidden states differ
-(an attention that ignores the mask, a layer of its own) runs padded batches from then on.
+Transformers takes a 4D mask as given, so what a model does with it is checked once per model:
+the first pack's rows also run alone, and a model whose packed hidden states differ (an
+attention that ignores the mask, a layer of its own) runs padded batches from then on.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from llamagym_pl.prefix_cache import repeat_cache, supports_prefix_cache
 log = logging.getLogger(__name__)
 
 PACK_TOKENS = 128
-"""Most tokens per packed forward: its attention is (T, c + T) per head, its mask as large."""
+"""A pack's capacity in tokens (or the longest row's, if longer): its attention is (W, c + W) per
+head, its mask as large."""
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 """Per model, whether its packed forward gave its rows' hidden states (checked on first use)."""
