@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the bench scripts are not part of the installed package
 
-from bench.llamagym.side_by_side import MODELS, QUICK, command, main, parse_args, targets  # noqa: E402
+from bench.llamagym.side_by_side import MODELS, QUICK, command, main, median_run, parse_args, targets  # noqa: E402
 
 
 def fake_results() -> dict:
@@ -83,3 +83,23 @@ def test_targets_of_a_quick_run_cover_its_model_only() -> None:
     results = fake_results()
     del results["models"]["58M"]
     assert [t["target"].endswith("0.66M") for t in targets(results)] == [True, True]
+
+
+def test_several_rounds_report_each_systems_median_run_and_every_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rounds = [
+        {"env_steps_per_s": rate, "peak_rss_mib": rss} for rate, rss in ((9.0, 700), (7.0, 900), (8.0, 800))
+    ]
+    middle = median_run(rounds)
+    assert (middle["env_steps_per_s"], middle["peak_rss_mib"]) == (8.0, 800)  # the median run, whole
+    assert middle["rounds_env_steps_per_s"] == [9.0, 7.0, 8.0]
+    assert median_run(rounds[:2])["env_steps_per_s"] == 7.0  # even count: the lower middle run
+    results = fake_results()
+    results["models"]["0.66M"]["llamagym"] = middle
+    saved = tmp_path / "side_by_side.json"
+    saved.write_text(json.dumps(results))
+    assert main(["--from-json", str(saved)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:4] == ["0.66M", "8.00", "800", "|"]
+    assert lines[3].split() == "rounds (env steps/s; medians above): llamagym 9.00 7.00 8.00".split()

@@ -2,7 +2,7 @@
 
 The same agent (LlamaGym's example Blackjack prompts), the same random Llama models and equal
 work per turn, one run after the other, each in a fresh process whose peak RSS the kernel reports
-when it ends:
+when it ends (the 0.66M model: three rounds of the three, each system's median run reported):
 
 - LlamaGym's serial loop on TRL 0.7.11 (``run_llamagym.py``, in LlamaGym's own venv);
 - the same loop on our imperative ``Agent`` (``run_imperative.py``);
@@ -41,9 +41,12 @@ class Model:
     episodes: int  # played by each serial loop
     fit_epochs: int  # of 256 turns; env steps/s is over all but the first
     fit_options: tuple[str, ...] = ()  # further llamagym_pl.fit options
+    rounds: int = 1  # of all three systems in turn; each system's median run is reported
 
 
-MODELS = (Model("0.66M", "tiny", 300, 11), Model("58M", "small", 48, 3))
+# The 0.66M runs are short (~2 minutes a round) and LlamaGym's rate varied by ~20% between single
+# runs (7.6 to 9.4 env steps/s): three rounds, medians.
+MODELS = (Model("0.66M", "tiny", 300, 11, rounds=3), Model("58M", "small", 48, 3))
 # A smoke run of the wiring, not a measurement: a few episodes, two fit epochs of 32 turns.
 QUICK = (Model("0.66M", "tiny", 8, 2, ("--data.num_envs", "8", "--model.num_minibatches", "2")),)
 
@@ -101,12 +104,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"quick": args.quick, "threads": args.threads, "models": {}}
     for model in QUICK if args.quick else MODELS:
         path = getattr(args, model.key)
-        mine = results["models"][model.name] = {"path": str(path)}
-        for system in SYSTEMS:
-            out = runs / f"{system}-{model.key}.json"
-            print(f"running {system} on the {model.name} model ...", flush=True)
-            mine[system] = run(command(system, model, path, args, out), out)
+        rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
+        for k in range(model.rounds):
+            for system in SYSTEMS:
+                out = runs / f"{system}-{model.key}-{k}.json"
+                print(
+                    f"running {system} on the {model.name} model (round {k + 1}/{model.rounds}) ...",
+                    flush=True,
+                )
+                rounds[system].append(run(command(system, model, path, args, out), out))
+        results["models"][model.name] = {"path": str(path), **{s: median_run(r) for s, r in rounds.items()}}
     return results
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median env steps/s (the lower middle one of an even count), with every run's
+    rate and peak RSS beside it."""
+    ranked = sorted(runs, key=lambda r: r["env_steps_per_s"])
+    middle = ranked[(len(ranked) - 1) // 2]
+    return {
+        **middle,
+        "rounds_env_steps_per_s": [r["env_steps_per_s"] for r in runs],
+        "rounds_peak_rss_mib": [r["peak_rss_mib"] for r in runs],
+    }
 
 
 def ratio(results: dict[str, Any], model: str, system: str, key: str) -> float:
@@ -115,7 +135,8 @@ def ratio(results: dict[str, Any], model: str, system: str, key: str) -> float:
 
 
 def table(results: dict[str, Any]) -> list[str]:
-    """One line per model: env steps/s and peak RSS of each system, our ratios to LlamaGym."""
+    """One line per model: env steps/s and peak RSS of each system, our ratios to LlamaGym; under
+    it, where a model ran several rounds, every round's rates."""
     lines = [
         f"{'model':6} {'LlamaGym':>9} {'RSS':>6} | {'imperative':>10} {'x':>5} {'RSS':>6} | "
         f"{'fit':>7} {'x':>5} {'RSS':>6}   (env steps/s, training included; peak RSS MiB)"
@@ -128,6 +149,10 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{imp['peak_rss_mib']:6.0f} | {fit['env_steps_per_s']:7.2f} "
             f"{ratio(results, name, 'fit', 'env_steps_per_s'):5.1f} {fit['peak_rss_mib']:6.0f}"
         )
+        rates = {s: runs[s]["rounds_env_steps_per_s"] for s in SYSTEMS if "rounds_env_steps_per_s" in runs[s]}
+        if any(len(r) > 1 for r in rates.values()):
+            each = "; ".join(f"{s} {' '.join(f'{r:.2f}' for r in rs)}" for s, rs in rates.items())
+            lines.append(f"{'':6} rounds (env steps/s; medians above): {each}")
     return lines
 
 
