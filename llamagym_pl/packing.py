@@ -91,7 +91,7 @@ def packed_rests(
             at += sizes[r]
     source, row = source.to(ids.device), row.to(ids.device)
     real = source >= 0
-    pos_of = torch.cat([torch.arange(n, device=ids.device) for n in sizes]) + c  # (T,)
+    pos_of = torch.cat([(m.long().cumsum(1) - 1)[m] for m in rests]) + c  # (T,) each token's position
     packed_ids = torch.where(real, ids[source.clamp(min=0)], ids[0])  # padding: any token, masked
     packed_pos = torch.where(real, pos_of[source.clamp(min=0)], c)
     hidden = _packed_forward(lm, packed_ids, packed_pos, row, c, prefix_cache)  # (P, W, H)
