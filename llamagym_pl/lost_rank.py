@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -83,6 +84,9 @@ def _lost_line(lost: str, why: str, rank: int, resume: str) -> RankLost:
 _REPORTED = threading.Event()
 """Set once this process has reported a lost rank (by either path)."""
 
+REPORT_GRACE_S = 30.0
+"""How long the child observer lets the main thread print its line and exit before exiting itself."""
+
 
 def exit_status(returncode: int) -> str:
     """How a child ended, from ``Popen.returncode``: a signal by name, or an exit status."""
@@ -108,7 +112,11 @@ class _ReportingObserver(fabric_launcher._ChildProcessObserver):
         dead = [(first + i + 1, p.returncode) for i, p in enumerate(self._child_processes) if p.returncode]
         for proc in self._child_processes:  # as Lightning does: no rank may be left waiting
             proc.send_signal(self._termination_signal)
-        if not _REPORTED.is_set():  # the main thread has not said it already
+        if _REPORTED.is_set():
+            # The main thread has built its line and is on its way out: exiting now could cut it
+            # off before it prints. This thread is a daemon: the main one's exit ends it.
+            time.sleep(REPORT_GRACE_S)
+        else:
             _REPORTED.set()
             rank, code = dead[0]  # Lightning calls this only once a child has failed
             line = _lost_line(f"rank {rank} of {world}", exit_status(code), first, self._resume())

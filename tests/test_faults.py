@@ -200,3 +200,40 @@ def test_rank_0_reports_a_dead_child_in_one_line_when_lightnings_observer_sees_i
         "prog: error: rank 1 of 2 was lost (its process died or stopped answering: killed by SIGKILL), "
         "so rank 0 stopped too; resume with X"
     )
+
+
+_MAIN_THREAD_FIRST = """
+import subprocess, sys, time
+from llamagym_pl import lost_rank
+from lightning.pytorch.strategies.launchers import subprocess_script as launcher
+lost_rank.watch_children("prog", lambda: "resume with X")
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+launcher._launch_process_observer([child])
+print(child.pid, flush=True)
+sys.stdin.readline()  # the test has killed the child: the collective fails at once
+lost = lost_rank.rank_lost(RuntimeError("Connection reset by peer"), 0, 2, "resume with Y")
+time.sleep(7)  # the way out (Lightning's teardown): meanwhile the observer sees the dead child
+raise SystemExit(f"prog: error: {lost}")
+"""
+
+
+def test_the_observer_lets_the_main_thread_print_the_line_it_claimed() -> None:
+    """When rank 0's collective saw the lost rank first, the observer exited at its next poll
+    (os._exit) before the main thread had printed: exit 1 with no line at all."""
+    env = {**os.environ, "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_THREAD_FIRST],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    os.kill(int(proc.stdout.readline()), signal.SIGKILL)
+    _, stderr = proc.communicate("\n", timeout=40)
+    assert proc.returncode == 1, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("prog:")]
+    assert lines == [
+        "prog: error: rank 1 of 2 was lost (its process died or stopped answering: Connection reset by "
+        "peer), so rank 0 stopped too; resume with Y"
+    ]
