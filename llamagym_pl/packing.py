@@ -2,8 +2,9 @@
 
 A minibatch's rows (:mod:`llamagym_pl.actions.rows`) share their first ``c`` tokens (the system
 prompt, encoded once) and differ in length. Run as padded batches they cost a forward per
-length group (:func:`~llamagym_pl.minibatches.length_groups`) plus the padding; on a small
-model each forward's fixed cost outweighs its arithmetic. Packed, the rows' own tokens (each
+length group (:func:`~llamagym_pl.minibatches.length_groups`) plus the padding. (On the CPU,
+with a 2-layer model, packing measured no faster in CPU time: README "Packed rows"; fewer,
+larger calls are for devices with a per-kernel cost.) Packed, the rows' own tokens (each
 row's rest after the prefix) are laid end to end in ``P`` packs of about :data:`PACK_TOKENS`
 tokens (:func:`pack_rows`: balanced, so padded to the widest they pad little), run as one
 ``(P, W)`` batch on the prefix's KV cache, with
