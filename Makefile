@@ -35,7 +35,7 @@ bench:  ## throughput vs the bare model's limit (~5 min on 2 CPU cores), then be
 	$(MAKE) --no-print-directory bench-llamagym
 
 .PHONY: bench-llamagym
-bench-llamagym:  ## LlamaGym 0.1.1 vs us, same agent and models (~15 min; skipped until bash bench/llamagym/setup.sh)
+bench-llamagym:  ## LlamaGym 0.1.1 vs us, same agent and models (~25 min; skipped until bash bench/llamagym/setup.sh)
 	$(PY) bench/llamagym/side_by_side.py $(if $(QUICK),--quick) $(LLAMAGYM_ARGS)
 
 tensorboard:
