@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamagym_pl.lm_head import last_hidden
-from llamagym_pl.policy import base_model, lm_call_names
-from llamagym_pl.prefix_cache import repeat_cache, supports_prefix_cache
+from llamagym_pl.policy import base_model
+from llamagym_pl.prefix_cache import hidden_on_prefix, supports_prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +152,7 @@ def _packed_forward(
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
-    cache_kw, _ = lm_call_names(lm)
-    return last_hidden(
-        lm,
-        input_ids=ids,
-        attention_mask=allowed,
-        position_ids=pos,
-        use_cache=True,
-        **{cache_kw: repeat_cache(prefix_cache, p)},
-    )
+    return hidden_on_prefix(lm, ids, allowed, pos, prefix_cache)
 
 
 @torch.no_grad()
@@ -169,16 +160,14 @@ def _agrees(
     lm: nn.Module, packed: Tensor, ids: Tensor, pos: Tensor, row: Tensor, c: int, prefix_cache: Any
 ) -> bool:
     """Whether each row of one pack (W,) has the hidden states of the row run alone on the prefix."""
-    cache_kw, _ = lm_call_names(lm)
     for r in row[row >= 0].unique():
         sel = row == r
-        alone = last_hidden(
+        alone = hidden_on_prefix(
             lm,
-            input_ids=ids[sel][None],
-            attention_mask=torch.ones(1, c + int(sel.sum()), dtype=torch.long, device=ids.device),
-            position_ids=pos[sel][None],
-            use_cache=True,
-            **{cache_kw: repeat_cache(prefix_cache, 1)},
+            ids[sel][None],
+            torch.ones(1, c + int(sel.sum()), dtype=torch.long, device=ids.device),
+            pos[sel][None],
+            prefix_cache,
         )
         if alone is None:
             return False

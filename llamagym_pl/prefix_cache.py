@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from llamagym_pl.lm_head import last_hidden
 from llamagym_pl.policy import base_model, lm_call_names
 
 WINDOWED_LAYERS = frozenset({"sliding_attention", "chunked_attention"})
@@ -113,6 +114,23 @@ def repeat_cache(cache: DynamicCache, n: int) -> DynamicCache:
             layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
             layer.values = layer.values.expand(n, *layer.values.shape[1:])
     return out
+
+
+def hidden_on_prefix(
+    lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_cache: DynamicCache
+) -> Tensor | None:
+    """The last hidden states (B, T, H) of ``input_ids`` (B, T) run on ``prefix_cache`` (one row's
+    cache, :func:`run_prefix` with ``n=1``) repeated for their B rows; None when the LM's logits
+    cannot be read from its hidden states (:func:`~llamagym_pl.lm_head.last_hidden`)."""
+    cache_kw, _ = lm_call_names(lm)
+    return last_hidden(
+        lm,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{cache_kw: repeat_cache(prefix_cache, input_ids.shape[0])},
+    )
 
 
 @torch.no_grad()

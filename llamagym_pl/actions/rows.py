@@ -30,8 +30,7 @@ from torch import Tensor
 from llamagym_pl import ppo
 from llamagym_pl.lm_head import last_hidden, output_logits, reads_hidden
 from llamagym_pl.packing import packable, packed_rests
-from llamagym_pl.policy import lm_call_names
-from llamagym_pl.prefix_cache import common_prefix_length, repeat_cache, reuses_prefix, run_prefix
+from llamagym_pl.prefix_cache import common_prefix_length, hidden_on_prefix, reuses_prefix, run_prefix
 
 READ_CHUNK = 256
 """Positions per output-layer call in :func:`row_logprobs`: (256, 32k) fp32 logits are 33 MB."""
@@ -95,17 +94,15 @@ def rows_hidden(policy: Any, parts: Sequence[tuple[Tensor, Tensor]]) -> list[Ten
         rests = packed_rests(lm, parts, c, prefix_cache)  # each (B, L - c, H), zeros at padding
         if rests is not None:
             return [torch.cat([prefix.expand(r.shape[0], -1, -1), r], 1) for r in rests]
-    cache_kw, _ = lm_call_names(lm)
     out = []
     for ids, mask in parts:
         b, length = ids.shape
-        rest = last_hidden(
+        rest = hidden_on_prefix(
             lm,
-            input_ids=ids[:, c:],  # (B, L - c)
-            attention_mask=mask,  # (B, L): the prefix's c columns are ones, as in the cache
-            position_ids=torch.arange(c, length, device=ids.device).expand(b, -1),
-            use_cache=True,
-            **{cache_kw: repeat_cache(prefix_cache, b)},
+            ids[:, c:],  # (B, L - c)
+            mask,  # (B, L): the prefix's c columns are ones, as in the cache
+            torch.arange(c, length, device=ids.device).expand(b, -1),
+            prefix_cache,
         )  # (B, L - c, H)
         if rest is None:
             return None
