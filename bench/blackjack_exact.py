@@ -16,6 +16,10 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable (bench.*)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CARDS = {card: (4 / 13 if card == 10 else 1 / 13) for card in range(1, 11)}
 Policy = Callable[[int, int, int], float]
@@ -105,32 +109,16 @@ def greedy_actions(config: str, ckpt_path: str, overrides: list[str] = ()) -> di
     """The checkpoint's greedy action in every observation, read as evaluation plays it;
     ``overrides``: fit flags the run was trained with beyond its config (e.g.
     ``--model.advantage_estimator grpo``)."""
-    import torch
+    from bench.policy_probe import candidate_logits, first_turn_conversations, load_policy
 
-    from llamagym_pl.actions.candidates import prompt_logits
-    from llamagym_pl.actions.scoring import candidate_logprob_sums
-    from llamagym_pl.chat import build_messages
-    from llamagym_pl.evaluate import load_weights
-    from llamagym_pl.fit import build_cli
-    from llamagym_pl.spans import encode_candidates
-
-    cli = build_cli(["--config", config, *overrides], run_fit=False)
-    module, data = cli.model, cli.datamodule
-    load_weights(module, ckpt_path)
-    policy, tokenizer, agent = module.policy.eval(), module.tokenizer, data.agent
+    module, data = load_policy(config, ckpt_path, overrides)
+    policy, tokenizer, agent = module.policy, module.tokenizer, data.agent
     env_kwargs = data.hparams.env_kwargs or {}
     if data.hparams.env_id != "Blackjack-v1" or env_kwargs.get("natural") or env_kwargs.get("sab", True):
         raise SystemExit("blackjack_exact: the config must play Blackjack-v1 with natural: false, sab: false")
-    conversations = [
-        build_messages(tokenizer, agent.get_system_prompt(), [agent.format_observation(o)], [])
-        for o in OBSERVATIONS
-    ]
+    conversations = first_turn_conversations(module, data, OBSERVATIONS)
     if data.hparams.policy == "score":
-        candidates = [agent.action_names] * len(OBSERVATIONS)
-        encoded = encode_candidates(tokenizer, conversations, candidates)
-        with torch.no_grad():
-            sums = candidate_logprob_sums(policy, encoded, tokenizer.pad_token_id)
-        logits = prompt_logits(sums, encoded, candidates, data.hparams.score_normalization)
+        logits = candidate_logits(module, data, conversations)
         return dict(zip(OBSERVATIONS, logits.argmax(-1).tolist(), strict=True))
     # Generate mode: the greedy reply as evaluation generates it, parsed (-1: invalid).
     style = data.make_collector(1).style

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable (bench.*)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
@@ -44,7 +48,7 @@ def q_values(policy: np.ndarray, transitions: Transitions, gamma: float, sweeps:
 
 
 def optimal_policy(transitions: Transitions, n_states: int, n_actions: int, gamma: float) -> np.ndarray:
-    """The greedy optimal policy (S, A), one-hot, by value iteration."""
+    """The greedy optimal policy (S, A), one-hot, by policy iteration (evaluate, then act greedily)."""
     policy = np.full((n_states, n_actions), 1.0 / n_actions)
     for _ in range(200):
         q = q_values(policy, transitions, gamma)
@@ -61,29 +65,14 @@ def checkpoint_policy(
     """The checkpoint's move probabilities (16, 4) as score mode samples them, the move names and gamma."""
     import torch
 
-    from llamagym_pl.actions.candidates import prompt_logits
-    from llamagym_pl.actions.scoring import candidate_logprob_sums
-    from llamagym_pl.chat import build_messages
-    from llamagym_pl.evaluate import load_weights
-    from llamagym_pl.fit import build_cli
-    from llamagym_pl.spans import encode_candidates
+    from bench.policy_probe import candidate_logits, first_turn_conversations, load_policy
 
-    cli = build_cli(["--config", config, *overrides], run_fit=False)
-    module, data = cli.model, cli.datamodule
+    module, data = load_policy(config, ckpt_path, overrides)
     if data.hparams.policy != "score":
         raise SystemExit("frozenlake_policy: the config must use data.policy: score")
-    load_weights(module, ckpt_path)
-    policy, tokenizer, agent = module.policy.eval(), module.tokenizer, data.agent
-    cells = range(16)
-    conversations = [
-        build_messages(tokenizer, agent.get_system_prompt(), [agent.format_observation(c)], []) for c in cells
-    ]
-    candidates = [agent.action_names] * len(conversations)
-    encoded = encode_candidates(tokenizer, conversations, candidates)
-    with torch.no_grad():
-        sums = candidate_logprob_sums(policy, encoded, tokenizer.pad_token_id)
-    logits = prompt_logits(sums, encoded, candidates, data.hparams.score_normalization)
+    logits = candidate_logits(module, data, first_turn_conversations(module, data, range(16)))
     probs = torch.softmax(logits / data.hparams.temperature, -1)  # the distribution training samples
+    agent = data.agent
     return probs.double().numpy(), list(agent.action_names), float(module.hparams.gamma)
 
 

@@ -1,5 +1,5 @@
 """``bench/frozenlake_policy.py``'s exact values: policy evaluation over FrozenLake's own
-transition table, checked against hand-computable cases and value iteration's known optimum."""
+transition table, checked against hand-computable cases and the known optimum."""
 
 from __future__ import annotations
 
