@@ -42,6 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from llamagym_pl.checkpointing import defer_interrupts
 from llamagym_pl.fit import SETUP_ERRORS, LlamaGymCLI, ParseOnlyCLI, build_cli, fit, make_cli
 from llamagym_pl.guards import ConfigError, LlamaGymError
+from llamagym_pl.sweep_report import format_params, trials_table
 from llamagym_pl.sweep_space import Space, SpaceError, load_space, override_args
 
 PROG = "llamagym_pl.sweep"
@@ -113,7 +114,7 @@ class Sweep:
         params = {p.key: p.suggest(trial) for p in self.space.params}
         name = f"trial-{trial.number}"
         trial.set_user_attr("run_dir", str(self.out / name))
-        print(f"{PROG}: {name}: {_format_params(params)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {name}: {format_params(params)}", file=sys.stderr, flush=True)
         report = ReportToTrial(trial, self.space.metric)
         try:
             cli = _build(self.trial_args(params, name))
@@ -216,33 +217,6 @@ def _one_line(err: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- results
-def _format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-
-
-def trials_table(study: optuna.Study) -> str:
-    """The study's trials, one row each: number, state, value, epochs, then each searched key."""
-    trials = study.get_trials(deepcopy=False)
-    keys = sorted({k for t in trials for k in t.params})
-    head = ["trial", "state", "value", "epochs", *keys]
-    rows = [head]
-    for t in trials:
-        value = "" if t.value is None else f"{t.value:+.4f}"
-        epochs = str(t.last_step) if t.last_step is not None else ""
-        cells = [_cell(t.params.get(k)) for k in keys]
-        rows.append([str(t.number), t.state.name, value, epochs, *cells])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def write_best(sweep: Sweep, checker: LlamaGymCLI, study: optuna.Study, best: FrozenTrial) -> Path:
     """The best trial's complete config (as parsed by ``fit``'s parser, every default filled in),
     with run directories of its own (``<out>/best``) so training it again overwrites no trial."""
@@ -318,7 +292,7 @@ def main(argv: list[str] | None = None) -> optuna.Study:
     if not finished:
         raise SystemExit(f"{PROG}: error: no trial of study {study_name!r} completed")
     best = study.best_trial
-    print(f"best: trial {best.number}, {space.metric} = {best.value:+.4f}, {_format_params(best.params)}")
+    print(f"best: trial {best.number}, {space.metric} = {best.value:+.4f}, {format_params(best.params)}")
     print(f"best config: {write_best(sweep, checker, study, best)} (python -m llamagym_pl.fit --config it)")
     return study
 
