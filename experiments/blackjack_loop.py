@@ -45,11 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", default="tiny", help="a model id or directory (default: the offline tiny model)"
     )
-    parser.add_argument("--episodes", type=int, default=24_000, help="training episodes")
+    parser.add_argument("--episodes", type=int, default=48_000, help="training episodes")
     parser.add_argument("--eval-episodes", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128, help="episodes per PPO update")
     parser.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate, decayed linearly to 0")
+    # Blackjack is Markov: 40 tokens keep the system prompt and the current observation only, as
+    # experiments/blackjack*.yaml do. Whole conversations (0) collapsed to "stick" on 2 seeds of 3.
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=40, help="prompt budget in tokens (0: no budget)"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)"
     )
@@ -69,13 +75,14 @@ def main(argv: list[str] | None = None) -> None:
         generate_config_dict={"max_new_tokens": 1},
         ppo_config_dict={
             "batch_size": args.batch_size,  # episodes per PPO update (128: ~180 turns)
-            "learning_rate": 1e-3,  # the tiny model is trained from scratch
+            "learning_rate": args.lr,  # 1e-3: the tiny model is trained from scratch
             # ... decayed linearly to 0 over the run, as experiments/blackjack-generate.yaml does.
             "lr_schedule": "linear",
             "total_updates": args.episodes // args.batch_size,
             "ent_coef": args.ent_coef,
             "update_epochs": 4,
             "num_minibatches": 4,
+            "max_prompt_tokens": args.max_prompt_tokens or None,
             "invalid_penalty": -1.0,  # a reply that names no action costs -1 on its turn
             "action_space": env.action_space,
             "seed": args.seed,
