@@ -9,7 +9,7 @@ import optuna
 
 def format_params(params: dict[str, Any]) -> str:
     """``key=value`` pairs on one line, floats to four significant digits."""
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return " ".join(f"{k}={_value(v)}" for k, v in params.items())
 
 
 def trials_table(study: optuna.Study) -> str:
@@ -30,6 +30,8 @@ def trials_table(study: optuna.Study) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return ""
+    return "" if value is None else _value(value)
+
+
+def _value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
