@@ -1,9 +1,9 @@
 """Timing, memory and versions on the device for the GPU check's bench row (``bench/gpu_row.py``).
 
-Decode steps are timed on the device's own timeline: an identity logits processor records a CUDA
-event after every forward of a ``generate`` call, so nothing waits for the GPU between steps
-(a per-step synchronize would stop the host from queueing the next step and slow what it
-measures). On the CPU (``--dry-run``) the same marks are ``perf_counter`` readings.
+Decode steps are timed on the device's own timeline: a forward hook records a CUDA event after
+every forward of a generation call (``llamagym_pl.decode`` or ``generate``), so nothing waits for
+the GPU between steps (a per-step synchronize would stop the host from queueing the next step and
+slow what it measures). On the CPU (``--dry-run``) the same marks are ``perf_counter`` readings.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import peft
 import torch
 import transformers
 from torch import Tensor
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from bench.gpu_limits import ModelWork, decode_bytes
 from bench.limit import sync
 from bench.measure import peak_rss_mb, reset_peak_rss
+from llamagym_pl.policy import base_model
 
 
 def bf16_autocast(device: torch.device) -> torch.autocast:
@@ -60,11 +60,10 @@ class PeakMemory:
             self.mb = peak_rss_mb()
 
 
-class StepMarks(LogitsProcessor):
-    """An identity logits processor that marks the end of every forward of one ``generate`` call.
-
-    ``generate`` calls its processors once per forward, right after it (the prefill, then each
-    decode step), and the scores go on unchanged: sampling is not touched.
+class StepMarks:
+    """Marks the end of every forward of one generation call: a forward hook on the transformers
+    model (the prefill, then each decode step), whichever loop runs them (``llamagym_pl.decode``
+    or ``generate``); nothing it computes is touched.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -79,9 +78,8 @@ class StepMarks(LogitsProcessor):
         else:
             self.marks.append(time.perf_counter())
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+    def __call__(self, _module: Any, _args: Any, _output: Any) -> None:
         self.mark()
-        return scores
 
     def seconds(self, i: int, j: int) -> float:
         """Time from mark ``i`` to mark ``j``; on CUDA, call after synchronizing."""
@@ -107,20 +105,24 @@ class GenerateCall:
 
 
 class TimedGenerate:
-    """Stands in for ``policy.generate``: adds :class:`StepMarks` to each call and records it."""
+    """Stands in for ``policy.generate``: hooks :class:`StepMarks` on each call and records it."""
 
     def __init__(self, policy: torch.nn.Module, device: torch.device) -> None:
         self.inner = policy.generate
+        self.model = base_model(policy.lm)  # under peft too: the model whose forward runs each step
         self.device = device
         self.calls: list[GenerateCall] = []
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Tensor:
         marks = StepMarks(self.device)
-        processors = LogitsProcessorList([*(kwargs.pop("logits_processor", None) or []), marks])
         sync(self.device)
         start = time.perf_counter()
         marks.mark()  # the start of the prefill
-        out = self.inner(input_ids, attention_mask, logits_processor=processors, **kwargs)
+        hook = self.model.register_forward_hook(marks)
+        try:
+            out = self.inner(input_ids, attention_mask, **kwargs)
+        finally:
+            hook.remove()
         sync(self.device)
         seconds = time.perf_counter() - start
         forwards = len(marks.marks) - 1

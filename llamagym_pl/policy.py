@@ -80,7 +80,20 @@ class PolicyWithValueHead(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
-        """Sample continuations with the LM's own ``generate`` (KV cache on)."""
+        """Continue left-padded prompts (B, P), KV cache on. Given only a ``generation_config``
+        (and a KV cache of their first columns) that samples from the plain softmax at a
+        temperature or decodes greedily, by :func:`~llamagym_pl.decode.decode`: ``generate``'s
+        forwards and distribution without its per-step cost (:func:`~llamagym_pl.decode.plain_decoding`
+        says when). Anything else by the LM's own ``generate``, with ``kwargs``."""
+        from llamagym_pl.decode import decode_with_config, plain_decoding  # it imports this module
+
+        config, cache_kw = kwargs.get("generation_config"), lm_call_names(self.lm)[0]
+        if (
+            config is not None
+            and set(kwargs) <= {"generation_config", cache_kw}
+            and plain_decoding(self.lm, config, input_ids.shape[1])
+        ):
+            return decode_with_config(self.lm, input_ids, attention_mask, config, kwargs.get(cache_kw))
         return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 

@@ -131,6 +131,8 @@ def generate_from_settings(
     **settings: Any,
 ) -> Any:
     """``policy.generate`` with exactly ``settings``: the LM's own generation config is set aside.
+    The settings PPO trains with (plain softmax sampling at a temperature, or greedy) run on our
+    own loop (:meth:`~llamagym_pl.policy.PolicyWithValueHead.generate`).
 
     ``policy`` is a :class:`~llamagym_pl.policy.PolicyWithValueHead` (its ``lm`` is the causal LM);
     ``input_ids`` and ``attention_mask`` are left padded, ``(B, P)``. With ``share_prefix``, the
@@ -143,25 +145,27 @@ def generate_from_settings(
     Returns what ``generate`` returns: ``(B, P + new)`` token ids unless ``settings`` ask for more.
     """
     config = build_generation_config(settings)
+    width = input_ids.shape[1]
+
+    def run(ids: Tensor, mask: Tensor, cache: Any = None) -> Any:
+        kwargs = {} if cache is None else {lm_call_names(policy.lm)[0]: cache}
+        return policy.generate(ids, mask, generation_config=config, **kwargs)
+
     with own_generation_config(policy.lm, config):
         single = input_ids.shape[0] == 1 and bool(attention_mask.all())
         if memo is not None and share_prefix and single:
             # One prompt: the prefix it shares with the prompts before it, kept in ``memo``.
-            if continues_prefix(policy.lm, config, settings, input_ids.shape[1]):
+            if continues_prefix(policy.lm, config, settings, width):
                 found = memo.cache_for(policy.lm, input_ids[0].tolist())
                 if found is not None:
-                    cache_kw, _ = lm_call_names(policy.lm)
-                    kwargs = {cache_kw: found[0]}
-                    return policy.generate(input_ids, attention_mask, generation_config=config, **kwargs)
+                    return run(input_ids, attention_mask, found[0])
         shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
-        if shared and continues_prefix(policy.lm, config, settings, input_ids.shape[1]):
+        if shared and continues_prefix(policy.lm, config, settings, width):
             ids, mask = prefix_first(input_ids, attention_mask, shared)  # (B, P) each
-            cache = encode_prefix(policy.lm, ids[:1, :shared], ids.shape[0])
-            cache_kw, _ = lm_call_names(policy.lm)
-            out = policy.generate(ids, mask, generation_config=config, **{cache_kw: cache})  # (B, P + new)
+            out = run(ids, mask, encode_prefix(policy.lm, ids[:1, :shared], ids.shape[0]))  # (B, P + new)
             # The prompts as given, not as laid out for the cache: callers may read them back.
-            return torch.cat([input_ids, out[:, input_ids.shape[1] :]], 1)
-        return policy.generate(input_ids, attention_mask, generation_config=config)
+            return torch.cat([input_ids, out[:, width:]], 1)
+        return run(input_ids, attention_mask)
 
 
 def continues_prefix(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from llamagym_pl import decode as decode_module
 from llamagym_pl import ppo
 from llamagym_pl.actions import GenerateStyle, ScoreStyle
 from llamagym_pl.actions.candidates import candidate_minibatch, turn_distribution
@@ -104,29 +105,29 @@ def test_normalization_pools_the_moments_of_every_rank(
 
 
 def test_generate_mode_scores_the_tempered_distribution_it_sampled_from(
-    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase
+    tiny_policy: PolicyWithValueHead, tiny_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression (item 6): replies sampled at temperature 0.5 were scored at temperature 1."""
-    lm, sampled = tiny_policy.lm, {}
-    original = lm.generate
+    sampled, steps = {}, []
+    real_sample, real_decode = decode_module.sample_tokens, decode_module.decode
 
-    def generate(*, input_ids, attention_mask, **kwargs):  # keep the scores generate sampled from
-        out = original(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
-        logp = torch.stack(out.scores, 1).log_softmax(-1)  # (B, new, V)
-        new = out.sequences[:, input_ids.shape[1] :]
+    def sample_tokens(logits, temperature=1.0):  # keep the log-prob of each token drawn
+        token = real_sample(logits, temperature)
+        steps.append(torch.log_softmax(logits.float() / temperature, -1).gather(1, token[:, None])[:, 0])
+        return token
+
+    def decode(lm, input_ids, attention_mask, *args, **kwargs):  # and file them under each row's text
+        steps.clear()
+        out = real_decode(lm, input_ids, attention_mask, *args, **kwargs)
+        logp, new = torch.stack(steps, 1), out[:, input_ids.shape[1] :]  # (B, new) each
         for b in range(len(new)):
             prompt = input_ids[b][attention_mask[b].bool()].tolist()
             reply = cut_at_eos(new[b].tolist(), tiny_tokenizer.eos_token_id)
-            sampled[tuple(prompt + reply)] = logp[b, : len(reply)].gather(1, new[b, : len(reply), None])[:, 0]
-        return out.sequences
+            sampled[tuple(prompt + reply)] = logp[b, : len(reply)]
+        return out
 
-    lm.generate = generate
+    monkeypatch.setattr(decode_module, "sample_tokens", sample_tokens)
+    monkeypatch.setattr(decode_module, "decode", decode)
     style = GenerateStyle(max_new_tokens=2, temperature=0.5)
     collector = RolloutCollector(ENV, KWARGS, BlackjackAgent(), num_envs=4, style=style)
     episodes = collector.collect(tiny_policy, tiny_tokenizer, seed=0, epoch=0, steps_per_env=1).episodes

@@ -433,7 +433,8 @@ def test_kl_coef_subtracts_the_kl_penalty_from_turn_rewards(
         assert metrics["train/kl_ref"] == update["train/kl_ref"]
     (_, first, _, _), (_, second, _, _) = prepared
     assert first.abs().max() < 1e-6, "the policy is its reference until the first update"
-    assert second.abs().sum() > 1e-4 and stats[1]["train/kl_ref"] > 0
+    # The sampled estimate log p - log p_ref of a few turns: not 0 after an update, of either sign.
+    assert second.abs().sum() > 1e-4 and stats[1]["train/kl_ref"] != 0
 
 
 def test_linear_lr_schedule_decays_over_total_updates(tiny_model_dir: Path) -> None:

@@ -105,17 +105,17 @@ def bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def spy_generate(lm: Any, eos: int) -> list[list[int]]:
-    """Record every reply sampled by ``lm.generate`` (cut at its first eos), in order."""
+def spy_generate(policy: Any, eos: int) -> list[list[int]]:
+    """Record every reply sampled by ``policy.generate`` (cut at its first eos), in order."""
     sampled: list[list[int]] = []
-    original = lm.generate
+    original = policy.generate
 
-    def generate(*, input_ids, **kwargs):
-        out = original(input_ids=input_ids, **kwargs)
+    def generate(input_ids, attention_mask, **kwargs):
+        out = original(input_ids, attention_mask, **kwargs)
         sampled.extend(cut_at_eos(row, eos) for row in out[:, input_ids.shape[1] :].tolist())
         return out
 
-    lm.generate = generate
+    policy.generate = generate  # an instance attribute shadows the method
     return sampled
 
 
@@ -138,7 +138,7 @@ def assert_trains_what_was_sampled(buf: RolloutBuffer, episodes, sampled_by_turn
 def test_rollout_trains_the_sampled_tokens(model: str, tiny_model_dir: Path, bpe_model_dir: Path) -> None:
     path = str(tiny_model_dir if model == "tiny" else bpe_model_dir)
     tokenizer, policy = load_tokenizer(path), build_policy(path)
-    sampled = spy_generate(policy.lm, tokenizer.eos_token_id)
+    sampled = spy_generate(policy, tokenizer.eos_token_id)
     # Two new tokens: many replies are cut before their end of turn.
     collector = RolloutCollector(
         CORRIDOR, None, WordAgent(), num_envs=3, style=GenerateStyle(max_new_tokens=2)
@@ -206,7 +206,7 @@ def test_imperative_loop_trains_the_sampled_tokens(
         ppo_config_dict={"batch_size": 2, "num_minibatches": 1, "update_epochs": 1, "seed": 0},
         action_space=gym.spaces.Discrete(2),
     )
-    sampled = spy_generate(lm, tokenizer.eos_token_id)
+    sampled = spy_generate(agent.imperative.policy, tokenizer.eos_token_id)
     env = gym.make(CORRIDOR)
     for episode in range(2):  # batch_size 2: one update, on these two episodes
         obs, _ = env.reset(seed=episode)
