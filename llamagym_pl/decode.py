@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
@@ -91,6 +92,19 @@ def sample_tokens(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)  # (B,)
 
 
+def gathers_weights(lm: nn.Module) -> bool:
+    """Whether a forward of ``lm`` gathers sharded weights from other processes (FSDP 1 or 2 in a
+    process group of 2+), so that every rank must run it equally often."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(
+        isinstance(m, FullyShardedDataParallel) or getattr(m, "_is_fsdp_managed_module", False)
+        for m in lm.modules()
+    )
+
+
 @torch.no_grad()
 def decode(
     lm: nn.Module,
@@ -124,6 +138,7 @@ def decode(
     done = cache.get_seq_length()
     step_ids, step_positions, mask = input_ids[:, done:], positions[:, done:], attention_mask
     running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    lockstep = gathers_weights(lm)
     new: list[Tensor] = []
     for step in range(max_new_tokens):
         out = lm(
@@ -139,7 +154,7 @@ def decode(
             token = torch.where(running, token, pad)
             running &= ~torch.isin(token, eos_ids)
         new.append(token)
-        if step + 1 == max_new_tokens or not bool(running.any()):
+        if step + 1 == max_new_tokens or (not lockstep and not bool(running.any())):
             break
         step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)

@@ -9,6 +9,7 @@ import torch
 from model_helpers import FAMILIES, build_family_model
 from transformers import PreTrainedTokenizerBase
 
+from llamagym_pl import decode as decode_module
 from llamagym_pl.chat import left_pad
 from llamagym_pl.decode import decode, plain_decoding, sample_tokens
 from llamagym_pl.loading import build_policy
@@ -58,6 +59,16 @@ def test_decoding_stops_when_every_row_has_ended(policy: PolicyWithValueHead) ->
     first = int(decode(policy.lm, ids, mask, 1, do_sample=False)[0, -1])
     out = decode(policy.lm, ids, mask, 6, do_sample=False, eos_token_id=first, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] + 1) and out[0, -1] == first  # the end token kept, then stop
+
+
+def test_sharded_weights_decode_every_step(policy: PolicyWithValueHead, monkeypatch) -> None:
+    """Under FSDP over several processes each forward gathers weights on every rank: no rank may
+    stop early, so the rows that ended write padding to the last step."""
+    ids, mask = left_pad(ROWS[:1], 0)
+    first = int(decode(policy.lm, ids, mask, 1, do_sample=False)[0, -1])
+    monkeypatch.setattr(decode_module, "gathers_weights", lambda lm: True)
+    out = decode(policy.lm, ids, mask, 4, do_sample=False, eos_token_id=first, pad_token_id=0)
+    assert out[0, ids.shape[1] :].tolist() == [first, 0, 0, 0]
 
 
 def test_settings_beyond_the_plain_softmax_go_to_generate(policy: PolicyWithValueHead, monkeypatch) -> None:
