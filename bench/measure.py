@@ -113,16 +113,21 @@ class UpdateLog:
 
 def lm_forward_shapes(lm: torch.nn.Module, shapes: list[tuple[int, int, int]]) -> Any:
     """Record ``(B, L, non-padding tokens)`` of every forward of ``lm`` into ``shapes`` (packed
-    rows included: a 4D mask's slot is real where it sees itself); returns the hook handle."""
+    rows included: a 4D mask's slot is real where it sees itself, and the shared prefix's tokens
+    in rows of their own); returns the hook handle."""
 
     def record(_module: Any, _args: Any, kwargs: dict) -> None:
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         b, length = ids.shape
         if mask is None:
             real = b * length
-        elif mask.dim() == 4:  # (B, 1, L, cache + L): boolean, or additive (0 where seen)
-            seen = mask if mask.dtype == torch.bool else mask == 0
-            real = int(seen[:, 0].diagonal(offset=mask.shape[-1] - length, dim1=-2, dim2=-1).sum())
+        elif mask.dim() == 4:  # (B, 1, L, c + L): boolean, or additive (0 where seen)
+            own = (mask if mask.dtype == torch.bool else mask == 0)[:, 0, :, -length:]  # (B, L, L)
+            real = int(own.diagonal(dim1=-2, dim2=-1).sum())
+            # Rows that see none of their own columns hold the shared prefix (llamagym_pl.packing):
+            # its c tokens are real once.
+            if (~own.any(-1).any(-1)).any():
+                real += mask.shape[-1] - length
         else:
             real = int(mask[:, -length:].sum())
         shapes.append((b, length, real))

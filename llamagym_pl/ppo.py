@@ -128,17 +128,36 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)  # (...)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) in nats, float32. logits: (..., V) -> (...).
+def logprobs_and_logsoftmax(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(label) and the whole log-softmax (..., V), float32, from one ``log_softmax``: the
+    log-probs and the entropy (:func:`entropy_from_logprobs`) of generated tokens share it.
 
-    Stable for very large logits and for -inf logits (banned tokens), which contribute 0.
+    logits: (..., V), aligned with labels as in :func:`token_logprobs` (whose
+    ``logit[label] - logsumexp`` equals this up to float rounding: one pass must not mix them, or
+    the PPO ratio of an unchanged policy is not exactly 1).
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), logp
+
+
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Entropy in nats of a distribution given by its log-probs (a log-softmax). (..., V) -> (...).
+
+    -inf log-probs (banned tokens) contribute 0.
+    """
     p = logp.exp()
     # p * logp is 0 * -inf = NaN for banned tokens; their true contribution is 0. Masking logp
     # (not the product) keeps the backward finite too: d(p * logp)/dp = logp would be -inf there.
     plogp = p * logp.masked_fill(p == 0, 0.0)
     return -plogp.sum(-1)  # (...)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) in nats, float32. logits: (..., V) -> (...).
+
+    Stable for very large logits and for -inf logits (banned tokens), which contribute 0.
+    """
+    return entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1))
 
 
 def compute_gae(

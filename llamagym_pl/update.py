@@ -129,7 +129,8 @@ def minibatch_loss(
     before the objective averages them, so the loss equals one forward over the whole minibatch.
     """
     parts = [batch] if isinstance(batch, dict) else batch
-    terms = style.logprobs(policy, parts)
+    # Without an entropy bonus its gradient is 0 times the entropy's: no graph for it.
+    terms = style.logprobs(policy, parts, entropy_grad=bool(ent_coef))
     turns = [part["turn_mask"] for part in parts]
     value_terms = (
         (
@@ -146,7 +147,6 @@ def minibatch_loss(
         torch.cat([t.logprobs for t in terms]),
         torch.cat([t.old_logprobs for t in terms]),
         torch.cat([t.advantages for t in terms]),
-        # Without an entropy bonus its gradient is 0 times the entropy's: no backward through it.
         entropy if ent_coef else entropy.detach(),
         *value_terms,
         clip_coef,

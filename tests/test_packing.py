@@ -69,7 +69,8 @@ def test_packed_rows_give_the_padded_batchs_states_and_gradients_in_one_pack_or_
     # One- to three-turn episodes, replies of several lengths: rows of five lengths.
     episodes = [
         Episode(
-            system_prompt="You play Blackjack. Reply hit or stick.",
+            # Long enough to fill more than one row at the packs' width.
+            system_prompt="You play Blackjack. Reply hit or stick. " * 5,
             observations=[f"your sum is {10 + i + t} ." for t in range(n)],
             responses=["hit " * (i % 3 + 1)] * (n - 1) + ["stick"],
             rewards=[0.0] * (n - 1) + [1.0],
@@ -90,20 +91,35 @@ def test_packed_rows_give_the_padded_batchs_states_and_gradients_in_one_pack_or_
     own = [n - c for n in lengths]  # each row's tokens past the shared prefix
     assert c > 10 and len(set(own)) > 2, "rows of several lengths that share a system prompt"
 
-    monkeypatch.setattr(packing, "PACK_TOKENS", sum(own))
+    # One forward: in packs as wide as all rows together, the prefix fills the free slots ...
+    monkeypatch.setattr(packing, "PACK_TOKENS", sum(own) + c)
     with lm_calls(policy) as calls:
         one_pack = hidden_and_grads(policy, batch)
-    assert calls == [(1, c), (1, sum(own))]
+    assert calls == [(1, sum(own) + c)]
     assert_same(one_pack, padded)
 
-    # Packs of at most the longest row's tokens, run side by side as one padded batch.
+    # ... or in packs of at most the longest row's tokens, run side by side as one padded batch:
+    # the longer prefix fills a row of its own, then the packs' free slots.
     monkeypatch.setattr(packing, "PACK_TOKENS", max(own))
-    packs = packing.pack_rows(own, max(own))
-    assert len(packs) > 2
+    packs, width, prefix_rows = packing.layout(sorted(own, reverse=True), c, max(own))
+    assert prefix_rows > 0 and len(packs) > 2, "a prefix longer than the packs' free slots"
     with lm_calls(policy) as calls:
         several = hidden_and_grads(policy, batch)
-    assert calls == [(1, c), (len(packs), max(sum(own[r] for r in pack) for pack in packs))]
+    assert calls == [(prefix_rows + len(packs), width)]
     assert_same(several, padded)
+
+
+def test_the_layout_takes_the_width_that_pads_least() -> None:
+    # By hand: rows of 50, 40 and 30 tokens and a 20-token prefix, 140 tokens, packs of at most
+    # 64: 3 rows at least, 47 wide, but a row has 50: first fit 50 | 40 | 30, 150 slots, whose 30
+    # free ones take the prefix. 4 or 5 rows: 50 wide again, no fewer slots.
+    assert packing.layout([50, 40, 30], 20, 64) == ([[0], [1], [2]], 50, 0)
+    # A 101-token prefix, 221 tokens. 4 rows, 56 wide: 50 | 40 | 30, 48 free slots, the prefix's
+    # other 53 tokens in a row of their own: 4 rows of 56 (224 slots). 5 rows: 50 wide, 30 free,
+    # 2 prefix rows (250). 6 rows: 50 wide again. 224 slots, 3 of them padding.
+    assert packing.layout([50, 40, 30], 101, 64) == ([[0], [1], [2]], 56, 1)
+    # 96 tokens, at most 32 wide: 3 rows of 32, the prefix in the 16-token row's free slots.
+    assert packing.layout([32, 32, 16], 16, 32) == ([[0], [1], [2]], 32, 0)
 
 
 def test_rows_are_packed_into_as_many_packs_as_first_fit_needs_then_balanced() -> None:

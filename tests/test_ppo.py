@@ -11,7 +11,9 @@ from llamagym_pl.ppo import (
     approx_kl,
     compute_gae,
     entropy_from_logits,
+    entropy_from_logprobs,
     explained_variance,
+    logprobs_and_logsoftmax,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -108,6 +110,22 @@ def test_token_logprobs_hand_value_and_bf16_input() -> None:
     out = token_logprobs(big, labels)
     assert out.dtype == torch.float32
     assert_close(out, token_logprobs(big.float(), labels), atol=0.0, rtol=0.0)
+
+
+def test_logprobs_and_logsoftmax_hand_values_and_the_entropy_they_share() -> None:
+    # softmax([0, 0, ln 2]) = [1/4, 1/4, 1/2]; a second row, softmax([ln 3, 0]) = [3/4, 1/4]
+    logits = torch.tensor([[0.0, 0.0, math.log(2.0)], [math.log(3.0), 0.0, -float("inf")]])
+    logprobs, logp = logprobs_and_logsoftmax(logits, torch.tensor([2, 1]))
+    assert logprobs.dtype == logp.dtype == torch.float32 and logp.shape == (2, 3)
+    assert_close(logprobs, t(math.log(0.5), math.log(0.25)), **TOL)
+    assert_close(logp.exp(), torch.tensor([[0.25, 0.25, 0.5], [0.75, 0.25, 0.0]]), **TOL)
+    # -(2 * 1/4 ln 1/4 + 1/2 ln 1/2) = 0.6931472 + 0.3465736 = 1.0397208; [3/4, 1/4]: 0.5623351,
+    # the banned token adding nothing (no NaN)
+    assert_close(entropy_from_logprobs(logp), t(1.0397208, 0.5623351), **TOL)
+    # Equal to the logsumexp form up to rounding, in bf16 too
+    big = torch.randn(3, 32000, generator=torch.Generator().manual_seed(1)).bfloat16()
+    labels = torch.tensor([0, 5, 31999])
+    assert_close(logprobs_and_logsoftmax(big, labels)[0], token_logprobs(big, labels), atol=1e-5, rtol=0)
 
 
 def test_entropy_from_logits() -> None:

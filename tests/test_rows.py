@@ -26,7 +26,7 @@ from llamagym_pl.actions.rows import row_forward, row_logprobs
 from llamagym_pl.buffer import build_buffer
 from llamagym_pl.kl import ReferencePolicy
 from llamagym_pl.loading import build_policy, load_tokenizer
-from llamagym_pl.packing import PACK_TOKENS, pack_rows
+from llamagym_pl.packing import PACK_TOKENS, layout
 from llamagym_pl.policy import PolicyWithValueHead
 from llamagym_pl.update import minibatch_loss, prepare_rollout
 
@@ -104,12 +104,13 @@ def shared_prefix_by_hand(batch: dict) -> int:
     return c
 
 
-def packed_shape(own: torch.Tensor) -> tuple[int, int]:
-    """The (packs, width) of rows with ``own`` tokens past the prefix, packed
-    (:func:`~llamagym_pl.packing.pack_rows`)."""
-    sizes = own.tolist()
-    packs = pack_rows(sizes, max(PACK_TOKENS, max(sizes)))
-    return len(packs), max(sum(sizes[r] for r in pack) for pack in packs)
+def packed_shape(own: torch.Tensor, c: int) -> tuple[int, int]:
+    """The (rows, width) of the one forward of a ``c``-token prefix and rows with ``own`` tokens
+    past it (:func:`~llamagym_pl.packing.layout`: the rows packed, the prefix in the free slots
+    or rows of its own)."""
+    sizes = sorted(own.tolist(), reverse=True)
+    packs, width, prefix_rows = layout(sizes, c, max(PACK_TOKENS, max(sizes)))
+    return prefix_rows + len(packs), width
 
 
 def assert_same_terms_and_grads(new: tuple, old: tuple) -> None:
@@ -135,14 +136,18 @@ def test_reply_logits_and_shared_prefix_equal_full_logits_of_whole_rows(family_d
     c, hidden = shared_prefix_by_hand(batch), policy.lm.config.get_text_config().hidden_size
     lm_calls, head_inputs = new[2], new[3]
     assert c > 10, "the rows share the system prompt"
-    # The rows' own tokens packed into one sequence on the prefix's cache (packing), or run as
-    # a padded batch on the repeated cache where packing is not known exact (sliding windows).
-    packed = "gemma2" not in family_dir.name
-    rest = packed_shape(batch["attention_mask"].sum(1) - c) if packed else (b, length - c)
-    assert lm_calls == [(1, c), rest], "the prefix once, then the rows' rests on its cache"
-    # The output layer: the prefix's and the rest's last positions (the LM's own, then our check
-    # of it), then the N positions that predict the reply tokens; not B x L.
-    assert head_inputs == [(1, 1, hidden), (rest[0], 1, hidden), (rest[0], 1, hidden), (n, hidden)]
+    # One forward of the prefix and the rows' own tokens packed (packing), or, where packing is
+    # not known exact (sliding windows), the prefix, then the rows' rests as a padded batch on
+    # its KV cache.
+    if "gemma2" not in family_dir.name:
+        packed = packed_shape(batch["attention_mask"].sum(1) - c, c)
+        assert lm_calls == [packed], "the prefix once, in the rows' forward"
+        # The output layer: the forward's last positions (the LM's own, then our check of it),
+        # then the N positions that predict the reply tokens; not B x L.
+        assert head_inputs == [(packed[0], 1, hidden), (packed[0], 1, hidden), (n, hidden)]
+    else:
+        assert lm_calls == [(1, c), (b, length - c)], "the prefix once, then the rows' rests on its cache"
+        assert head_inputs == [(1, 1, hidden), (b, 1, hidden), (b, 1, hidden), (n, hidden)]
     assert old[3] == [(b, length, hidden)]
 
 
@@ -159,7 +164,7 @@ def test_a_prefix_that_covers_a_reply_is_read_from_the_prefix(
     assert batch["action_mask"][:, :c].all(0).any(), "every row's first reply is in the prefix"
     new = terms_and_grads(tiny_policy.train(), batch, reply_terms)
     assert_same_terms_and_grads(new, terms_and_grads(tiny_policy, batch, full_logits_terms))
-    assert new[2] == [(1, c), packed_shape(batch["attention_mask"].sum(1) - c)]
+    assert new[2] == [packed_shape(batch["attention_mask"].sum(1) - c, c)]
 
 
 def test_gradient_checkpointing_runs_whole_rows_with_the_same_result(
@@ -175,7 +180,8 @@ def test_gradient_checkpointing_runs_whole_rows_with_the_same_result(
     assert_same_terms_and_grads(results[1], results[0])
     b, length = batch["input_ids"].shape
     assert results[1][2] == [(b, length)]
-    assert len(results[0][2]) == 2
+    c = shared_prefix_by_hand(batch)
+    assert results[0][2] == [packed_shape(batch["attention_mask"].sum(1) - c, c)]
 
 
 def test_prepare_runs_the_output_layer_at_reply_tokens_only(
@@ -200,12 +206,11 @@ def test_prepare_runs_the_output_layer_at_reply_tokens_only(
         c = shared_prefix_by_hand(
             {"input_ids": buf.input_ids[take], "attention_mask": buf.attention_mask[take]}
         )
-        # Several rows: the prefix once, their rests packed (1, tokens); one row: itself.
-        prefix_calls, prefix_head = ([(1, c)], [(1, 1, hidden)]) if b > 1 else ([], [])
-        own = packed_shape(buf.lengths[take] - c) if b > 1 else (b, rest)
+        # Several rows: the prefix once and their rests packed, one forward; one row: itself.
+        own = packed_shape(buf.lengths[take] - c, c) if b > 1 else (b, rest)
         for _ in ("policy", "reference"):
-            expected_calls += [*prefix_calls, own]
-            expected_head += [*prefix_head, (own[0], 1, hidden), (own[0], 1, hidden), (n, hidden)]
+            expected_calls += [own]
+            expected_head += [(own[0], 1, hidden), (own[0], 1, hidden), (n, hidden)]
     assert lm_calls == expected_calls and head_inputs == expected_head
     # The same old log-probs and values as full logits of whole rows, 0 off the reply tokens.
     with torch.no_grad():

@@ -85,10 +85,13 @@ class ActionStyle(Protocol):
         """No grad, eval mode: the old log-probs of every action (into ``buf.old_logprobs``), each
         turn's value (as :meth:`logprobs` reads the new ones) and, with a reference, each turn's KL."""
 
-    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
+    def logprobs(
+        self, policy: Policy, parts: Sequence[dict[str, Tensor]], entropy_grad: bool = True
+    ) -> list[ActionTerms]:
         """With grad: the new log-probs and entropies of a minibatch given as forwards over units
         of similar length (:meth:`minibatch` tensors each), aligned with its old ones: one
-        :class:`ActionTerms` per part."""
+        :class:`ActionTerms` per part. Without ``entropy_grad`` the entropies may come without
+        a graph (no entropy bonus: a diagnostic only)."""
 
 
 def row_chunks(

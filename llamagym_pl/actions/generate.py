@@ -17,7 +17,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions.base import ActionTerms, Policy, Prepared, Prompt, Reference, State, row_chunks
-from llamagym_pl.actions.rows import row_forwards, row_logprobs
+from llamagym_pl.actions.rows import Rows, row_forwards, row_logprobs, tempered
 from llamagym_pl.buffer import RolloutBuffer
 from llamagym_pl.chat import UnknownWords, left_pad, prompt_token_ids
 from llamagym_pl.episode import Episode, Reply
@@ -139,33 +139,41 @@ class GenerateStyle:
             turn_values, next_value, kl, {"train/kl_ref": float(ppo.masked_mean(kl, buf.turn_mask))}
         )
 
-    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
+    def logprobs(
+        self, policy: Policy, parts: Sequence[dict[str, Tensor]], entropy_grad: bool = True
+    ) -> list[ActionTerms]:
         """Every response token of the rows, under ``softmax(logits / temperature)``; the values
-        at the rows' turn positions; one :class:`ActionTerms` per part. One forward of each
-        part's rows (:func:`~.rows.row_forwards`): the prefix they all share encoded once, the
-        output layer only at the positions that predict the response tokens, once for all parts."""
+        at the rows' turn positions; one :class:`ActionTerms` per part. One forward for all the
+        parts' rows (:func:`~.rows.row_forwards`): the prefix they all share encoded once, the
+        output layer only at the positions that predict the response tokens. Log-probs and
+        entropies share one log-softmax; without ``entropy_grad`` the entropy is a diagnostic,
+        computed without a graph."""
         reads = [part["action_mask"].nonzero(as_tuple=True) for part in parts]  # never position 0
         logits, values = row_forwards(
             policy,
             [
-                (part["input_ids"], part["attention_mask"], rows, cols - 1)
+                Rows(part["input_ids"], part["attention_mask"], rows, cols - 1, part["value_positions"])
                 for part, (rows, cols) in zip(parts, reads, strict=True)
             ],
-        )  # (N, V) over all parts, (B, L) each
-        step_logits = logits / self.temperature  # (N, V): at the sampling temperature
+        )  # (N, V) over all parts, (B, T) each
         tokens = torch.cat([part["input_ids"][r, c] for part, (r, c) in zip(parts, reads, strict=True)])
+        logprobs, logp = ppo.logprobs_and_logsoftmax(
+            tempered(logits, self.temperature), tokens
+        )  # (N,), (N, V)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = ppo.entropy_from_logprobs(logp if entropy_grad else logp.detach())  # (N,)
         sizes = [len(rows) for rows, _ in reads]
-        logprobs = ppo.token_logprobs(step_logits, tokens).split(sizes)  # (N,) each part's
-        entropy = ppo.entropy_from_logits(step_logits).split(sizes)
         return [
             ActionTerms(
                 logprobs=lp,
                 old_logprobs=part["old_logprobs"][rows, cols],
                 advantages=part["token_advantages"][rows, cols],
                 entropy=h,
-                values=v.gather(1, part["value_positions"]),  # (B, T)
+                values=v,  # (B, T)
             )
-            for part, (rows, cols), lp, h, v in zip(parts, reads, logprobs, entropy, values, strict=True)
+            for part, (rows, cols), lp, h, v in zip(
+                parts, reads, logprobs.split(sizes), entropy.split(sizes), values, strict=True
+            )
         ]
 
 

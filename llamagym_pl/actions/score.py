@@ -169,18 +169,21 @@ class ScoreStyle:
             next_value[truncated] = rows[torch.arange(len(truncated)), buf.bootstrap_position[truncated]]
         return next_value
 
-    def logprobs(self, policy: Policy, parts: Sequence[dict[str, Tensor]]) -> list[ActionTerms]:
+    def logprobs(
+        self, policy: Policy, parts: Sequence[dict[str, Tensor]], entropy_grad: bool = True
+    ) -> list[ActionTerms]:
         """All candidates of every turn scored again, with grad, one batched forward per part: a
-        turn's log-prob is its chosen candidate's, its entropy the candidate distribution's."""
-        return [self._terms(policy, part) for part in parts]
+        turn's log-prob is its chosen candidate's, its entropy the candidate distribution's
+        (detached without ``entropy_grad``)."""
+        return [self._terms(policy, part, entropy_grad) for part in parts]
 
-    def _terms(self, policy: Policy, batch: dict[str, Tensor]) -> ActionTerms:
+    def _terms(self, policy: Policy, batch: dict[str, Tensor], entropy_grad: bool) -> ActionTerms:
         sums, values = candidate_forward(policy, batch)  # (R,), (N,)
         logp = candidate_logprobs(batch, sums, self.normalization, self.temperature)  # (N, C)
         return ActionTerms(
             logprobs=chosen_logprob(logp, batch),
             old_logprobs=batch["old_logprobs"],
             advantages=batch["advantages"],
-            entropy=ppo.entropy_from_logits(logp),
+            entropy=ppo.entropy_from_logits(logp if entropy_grad else logp.detach()),
             values=values,
         )
