@@ -21,7 +21,7 @@ from torch import Tensor
 from bench.gpu_limits import ModelWork, decode_bytes
 from bench.limit import sync
 from bench.measure import peak_rss_mb, reset_peak_rss
-from llamagym_pl.policy import base_model
+from llamagym_pl.lm_calls import base_model
 
 
 def bf16_autocast(device: torch.device) -> torch.autocast:

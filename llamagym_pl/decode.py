@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from llamagym_pl.policy import lm_call_names
+from llamagym_pl.lm_calls import lm_call_names
 from llamagym_pl.prefix_cache import new_cache, supports_prefix_cache
 
 PLAIN_KEYS = frozenset(

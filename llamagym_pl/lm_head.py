@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llamagym_pl.policy import base_model, lm_call_names
+from llamagym_pl.lm_calls import base_model, lm_call_names
 
 log = logging.getLogger(__name__)
 

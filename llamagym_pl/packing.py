@@ -7,8 +7,8 @@ prompt) and differ in length. :func:`packed_states` runs them as one ``(R, W)`` 
 - the rows' own tokens (each row's rest after the prefix) laid end to end in packs of about
   :data:`PACK_TOKENS` tokens (:func:`pack_rows`: balanced, so padded to the widest they pad
   little), ``position_ids`` restarting at ``c`` for every row, so each token keeps its position;
-- the prefix, once: packed as one more row when it fits a pack, else in rows of its own with its
-  last part packed as a row (:func:`layout`: the width that pads least);
+- the prefix, once, which unlike a row may be cut anywhere: in rows of its own if it needs them,
+  then in the packs' free slots (:func:`layout`: the width that pads least);
 - at every layer the keys and values the layer computed for the prefix's slots are put in front
   of every row's own (:class:`SharedPrefixLayer`, a KV-cache layer that holds nothing: it only
   rearranges what the layer computed), so every row attends to ``c + W`` columns;
@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
+from llamagym_pl.lm_calls import base_model, lm_call_names
 from llamagym_pl.lm_head import last_hidden
-from llamagym_pl.policy import base_model, lm_call_names
 from llamagym_pl.prefix_cache import hidden_on_prefix, new_cache, run_prefix, supports_prefix_cache
 
 log = logging.getLogger(__name__)

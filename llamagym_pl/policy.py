@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 
 import torch
 from torch import Tensor, nn
+
+from llamagym_pl.decode import decode_with_config, plain_decoding
+from llamagym_pl.lm_calls import lm_call_names
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ class PolicyWithValueHead(nn.Module):
         temperature or decodes greedily, by :func:`~llamagym_pl.decode.decode`: ``generate``'s
         forwards and distribution without its per-step cost (:func:`~llamagym_pl.decode.plain_decoding`
         says when). Anything else by the LM's own ``generate``, with ``kwargs``."""
-        from llamagym_pl.decode import decode_with_config, plain_decoding  # it imports this module
-
         config, cache_kw = kwargs.get("generation_config"), lm_call_names(self.lm)[0]
         if (
             config is not None
@@ -95,25 +94,6 @@ class PolicyWithValueHead(nn.Module):
         ):
             return decode_with_config(self.lm, input_ids, attention_mask, config, kwargs.get(cache_kw))
         return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
-@functools.cache
-def _forward_parameters(lm_type: type) -> frozenset[str]:
-    return frozenset(inspect.signature(lm_type.forward).parameters)
-
-
-def base_model(lm: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (its LoRA layers included); ``lm`` itself
-    otherwise: where its config, forward signature and output layer are."""
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
-
-def lm_call_names(lm: nn.Module) -> tuple[str, str | None]:
-    """The names of the KV-cache and keep-last-logits arguments of this transformers version:
-    ``cache`` and ``logits_to_keep`` now; ``past_key_values`` and ``num_logits_to_keep`` before."""
-    params = _forward_parameters(type(base_model(lm)))
-    keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-    return ("cache" if "cache" in params else "past_key_values"), keep
 
 
 def _hidden_size(lm: nn.Module) -> int:

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from llamagym_pl.lm_calls import base_model, lm_call_names
 from llamagym_pl.lm_head import last_hidden
-from llamagym_pl.policy import base_model, lm_call_names
 
 WINDOWED_LAYERS = frozenset({"sliding_attention", "chunked_attention"})
 """Layers that see a window of cache *columns*: with the padding moved to the middle a window would

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from llamagym_pl.policy import lm_call_names
+from llamagym_pl.lm_calls import lm_call_names
 from llamagym_pl.prefix_cache import (
     PrefixMemo,
     encode_prefix,

@@ -160,8 +160,7 @@ class GenerateStyle:
         logprobs, logp = ppo.logprobs_and_logsoftmax(
             tempered(logits, self.temperature), tokens
         )  # (N,), (N, V)
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = ppo.entropy_from_logprobs(logp if entropy_grad else logp.detach())  # (N,)
+        entropy = ppo.entropy_from_logprobs(logp if entropy_grad else logp.detach())  # (N,)
         sizes = [len(rows) for rows, _ in reads]
         return [
             ActionTerms(

@@ -129,7 +129,7 @@ def row_states(policy: Any, parts: Sequence[tuple[Tensor, Tensor]]) -> RowStates
     c = common_prefix_length(heads) if reuses_prefix(policy) else 0
     if c == 0:
         hidden = [last_hidden(lm, input_ids=ids, attention_mask=mask, use_cache=False) for ids, mask in parts]
-        return None if any(h is None for h in hidden) else _stacked([], hidden)
+        return None if any(h is None for h in hidden) else _stacked(None, hidden)
     if packable(lm, max(ids.shape[1] for ids, _ in parts)):
         packed = packed_states(lm, parts, c)
         if packed is not None:
@@ -148,20 +148,21 @@ def row_states(policy: Any, parts: Sequence[tuple[Tensor, Tensor]]) -> RowStates
         if rest is None:
             return None
         rests.append(rest)
-    return _stacked([prefix[0]], rests)
+    return _stacked(prefix[0], rests)
 
 
-def _stacked(prefix: list[Tensor], parts: list[Tensor]) -> RowStates:
+def _stacked(prefix: Tensor | None, parts: list[Tensor]) -> RowStates:
     """:class:`RowStates` of ``parts`` (B, L', H) each, the last L' columns of their rows, after
     an optional shared ``prefix`` (c, H) that fills their first c columns: one table, in order."""
-    c = prefix[0].shape[0] if prefix else 0
+    c = 0 if prefix is None else prefix.shape[0]
     index, start = [], c
     for hidden in parts:
         b, width, _ = hidden.shape
         own = start + torch.arange(b * width, device=hidden.device).view(b, width)
         index.append(torch.cat([torch.arange(c, device=hidden.device).expand(b, -1), own], 1))
         start += b * width
-    return RowStates(torch.cat([*prefix, *(h.flatten(0, 1) for h in parts)]), index)
+    shared = [] if prefix is None else [prefix]
+    return RowStates(torch.cat([*shared, *(h.flatten(0, 1) for h in parts)]), index)
 
 
 def row_logprobs(

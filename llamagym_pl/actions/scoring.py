@@ -29,7 +29,7 @@ from torch import Tensor
 
 from llamagym_pl import ppo
 from llamagym_pl.actions.candidates import candidate_batch
-from llamagym_pl.policy import lm_call_names
+from llamagym_pl.lm_calls import lm_call_names
 from llamagym_pl.prefix_cache import new_cache, reuses_prefix, run_prefix, shared_prefix_length, windows_cover
 from llamagym_pl.spans import EncodedCandidates
 
